@@ -1,0 +1,80 @@
+"""Data sets and their division among clients.
+
+Everything here is a pure function of its arguments (paths, seed, sizes): no
+MPI and no output files, so the same data can be rebuilt on any rank, in a
+test, or in an analysis script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmpi.errors import UserError
+
+NAMES = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A training and a test set in the layout the simulator consumes.
+
+    Features stay in their compact storage dtype (uint8 pixels) and are turned
+    into model inputs as ``x * x_scale``; that keeps Fashion-MNIST at 47 MB
+    instead of 188 MB per copy and four times cheaper to send over MPI.
+    """
+
+    name: str
+    x_train: np.ndarray  # (n_train, d), C-contiguous, uint8 (images) or float32
+    y_train: np.ndarray  # (n_train,), int32 labels in [0, num_classes)
+    x_test: np.ndarray  # (n_test, d), same dtype as x_train
+    y_test: np.ndarray  # (n_test,), int32
+    num_classes: int
+    x_scale: float  # features = x * x_scale (1/255 for uint8 pixels, 1.0 for float32)
+    # int64 per-client training-set sizes when the data set comes with a
+    # natural client split (synthetic); those clients' samples are stored
+    # consecutively in x_train, in client order.
+    natural_sizes: np.ndarray | None = None
+
+    @property
+    def num_features(self) -> int:
+        return self.x_train.shape[1]
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None,
+    seed: int,
+    num_clients: int,
+    synthetic_alpha: float = 1.0,
+    synthetic_beta: float = 1.0,
+) -> Dataset:
+    """Load data set `name`: ``synthetic``, ``fashion-mnist``, ``mnist`` or ``npz:PATH``.
+
+    `data_dir` is where to look for the IDX files of (fashion-)mnist (default:
+    ./data/<name>/, then /usr/share/datasets/<name>/).  `seed`, `num_clients`
+    and the synthetic_* parameters only affect ``synthetic``, the one data set
+    that is generated rather than read.
+    """
+    # Imported here so that importing fedmpi.data (for Dataset) stays cheap
+    # and free of import cycles: the loaders import Dataset from this module.
+    if name == "synthetic":
+        from fedmpi.data.synthetic import load_synthetic
+
+        if seed < 0:
+            raise UserError(f"--seed must be a non-negative integer (got {seed})")
+        return load_synthetic(num_clients, seed, synthetic_alpha, synthetic_beta)
+    if name in ("fashion-mnist", "mnist"):
+        from fedmpi.data.idx import load_idx
+
+        return load_idx(name, data_dir)
+    if name.startswith("npz:"):
+        from fedmpi.data.npz import load_npz
+
+        path = name[len("npz:"):]
+        if not path:
+            raise UserError("data set npz: needs a path, e.g. npz:/path/to/data.npz")
+        return load_npz(path)
+    raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")

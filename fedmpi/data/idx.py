@@ -1,0 +1,198 @@
+"""Loader for the IDX files of MNIST and Fashion-MNIST.
+
+Both data sets ship as four IDX files (training and test images and labels),
+each either raw or gzip-compressed.  An IDX file is a 4-byte magic number --
+two zero bytes, a type code (0x08 = unsigned byte) and the number of
+dimensions -- followed by one big-endian uint32 per dimension and then the
+payload in C order.  So images are magic 0x00000803 with dimensions
+(count, rows, cols) and labels are magic 0x00000801 with dimension (count,).
+
+Every way a file can be wrong (missing, not gzip, cut short, wrong kind of
+file, labels that are not digits) becomes a ``UserError`` naming the file,
+because in practice these are interrupted downloads, not programming errors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+
+import numpy as np
+
+from fedmpi.errors import UserError
+
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+NUM_CLASSES = 10
+
+# (split, kind) -> base file name; the same names for both data sets.
+FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+SYSTEM_DIR = "/usr/share/datasets"
+
+# What to tell the user when the files are nowhere to be found.
+_HOW_TO_GET = {
+    "fashion-mnist": (
+        "install them with `apt-get install dataset-fashion-mnist` (puts them in "
+        "/usr/share/datasets/fashion-mnist), or download the four IDX files "
+        "(https://github.com/zalandoresearch/fashion-mnist) into ./data/fashion-mnist/, "
+        "or pass --data-dir DIR"
+    ),
+    "mnist": (
+        "download the four IDX files (https://yann.lecun.com/exdb/mnist/ or a mirror) "
+        "into ./data/mnist/, or pass --data-dir DIR"
+    ),
+}
+
+
+def candidate_dirs(name: str, data_dir: str | None) -> list[str]:
+    """Directories searched for data set `name`, in order of preference."""
+    if data_dir is not None:
+        # An explicit --data-dir is taken literally: silently falling back to
+        # another copy would hide a typo in the path.
+        return [data_dir]
+    return [os.path.join(".", "data", name), os.path.join(SYSTEM_DIR, name)]
+
+
+def _find_file(directory: str, base: str) -> str | None:
+    # Raw first: it is what a user gets after gunzip-ing the download, and it
+    # reads faster than decompressing.
+    for candidate in (base, base + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def find_files(name: str, data_dir: str | None) -> dict[tuple[str, str], str]:
+    """Paths of the four IDX files, all taken from the same directory.
+
+    All four must come from one directory so that training and test data can
+    never be mixed from two different downloads.
+    """
+    dirs = candidate_dirs(name, data_dir)
+    notes = []
+    for directory in dirs:
+        found = {key: _find_file(directory, base) for key, base in FILES.items()}
+        missing = [FILES[key] for key, path in found.items() if path is None]
+        if not missing:
+            return found  # type: ignore[return-value]
+        if not os.path.isdir(directory):
+            notes.append(f"{directory} (no such directory)")
+        elif len(missing) == len(FILES):
+            notes.append(f"{directory} (no IDX files)")
+        else:
+            notes.append(f"{directory} (missing {', '.join(missing)})")
+    how = _HOW_TO_GET.get(name, "download the four IDX files or pass --data-dir DIR")
+    raise UserError(
+        f"cannot find the {name} data set; looked in: {'; '.join(notes)}. "
+        f"It needs {', '.join(FILES.values())} (raw or .gz): {how}"
+    )
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        # EOFError is what an interrupted download looks like; the others are
+        # a damaged or mislabelled file.
+        raise UserError(f"{path} is not a valid gzip file ({exc}); re-download it") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _parse(path: str, magic: int, what: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Check the header of an IDX file and return (dims, flat uint8 payload)."""
+    data = _read_bytes(path)
+    ndim = magic & 0xFF
+    header_len = 4 + 4 * ndim
+    if len(data) < 4:
+        raise UserError(f"{path} is truncated: it holds only {len(data)} bytes; re-download it")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise UserError(
+            f"{path} is not an IDX {what} file: magic number is 0x{found:08x}, "
+            f"expected 0x{magic:08x}; check that the file is not swapped with another "
+            f"or re-download it"
+        )
+    if len(data) < header_len:
+        raise UserError(f"{path} is truncated inside its header; re-download it")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims, dtype=np.int64))
+    payload = len(data) - header_len
+    if payload != expected:
+        shape = " images of " + "x".join(map(str, dims[1:])) if what == "images" else " labels"
+        state = "truncated" if payload < expected else "longer than its header says"
+        raise UserError(
+            f"{path} is {state}: header says {dims[0]}{shape} but file holds "
+            f"{payload} bytes of {'pixels' if what == 'images' else 'labels'} "
+            f"(expected {expected}); re-download it"
+        )
+    return dims, np.frombuffer(data, dtype=np.uint8, offset=header_len)
+
+
+def read_images(path: str) -> np.ndarray:
+    """(n, rows*cols) uint8 pixels of an IDX image file."""
+    dims, flat = _parse(path, IMAGES_MAGIC, "images")
+    n, rows, cols = dims
+    # frombuffer gives a read-only view of an immutable bytes object; a copy
+    # owns writable memory, which MPI receive/broadcast buffers require.
+    return flat.reshape(n, rows * cols).copy()
+
+
+def read_labels(path: str) -> np.ndarray:
+    """(n,) int32 labels of an IDX label file, checked to be in [0, 10)."""
+    _, flat = _parse(path, LABELS_MAGIC, "labels")
+    if flat.size and int(flat.max()) >= NUM_CLASSES:
+        raise UserError(
+            f"{path} holds label {int(flat.max())}, but labels must be 0..{NUM_CLASSES - 1}; "
+            f"re-download it"
+        )
+    return flat.astype(np.int32)
+
+
+def load_idx(name: str, data_dir: str | None):
+    """Load MNIST or Fashion-MNIST (`name`) as a `fedmpi.data.Dataset`."""
+    from fedmpi.data import Dataset  # late import: the package imports this module
+
+    paths = find_files(name, data_dir)
+    split = {}
+    for part in ("train", "test"):
+        x = read_images(paths[(part, "images")])
+        y = read_labels(paths[(part, "labels")])
+        if len(x) != len(y):
+            raise UserError(
+                f"{paths[(part, 'images')]} holds {len(x)} images but "
+                f"{paths[(part, 'labels')]} holds {len(y)} labels; the files come from "
+                f"different downloads or one is damaged: re-download them"
+            )
+        if len(x) == 0:
+            raise UserError(f"{paths[(part, 'images')]} holds no images; re-download it")
+        split[part] = (x, y)
+    x_train, y_train = split["train"]
+    x_test, y_test = split["test"]
+    if x_train.shape[1] != x_test.shape[1]:
+        raise UserError(
+            f"training images have {x_train.shape[1]} pixels but test images have "
+            f"{x_test.shape[1]}; {paths[('train', 'images')]} and "
+            f"{paths[('test', 'images')]} are from different data sets"
+        )
+    return Dataset(
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=NUM_CLASSES,
+        x_scale=1.0 / 255.0,
+    )
