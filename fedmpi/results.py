@@ -1,0 +1,538 @@
+"""HDF5 results file: the only place in fedmpi that writes HDF5.
+
+Used by rank 0 only (no MPI here). One file per run, laid out as::
+
+    /                     attrs: config (JSON), fedmpi_version, created,
+                          layout_version, plus caller attrs (mpi_size, ...)
+    /rounds/<metric>      1-D, one row per round (ROUND_FIELDS)
+    /clients/<field>      1-D, one row per (round, client) (CLIENT_FIELDS)
+    /partition/num_samples, /partition/label_histogram
+    /model/<name>         flat float32 parameter vectors; attrs layer_sizes
+
+Crash safety: the file stays open for the whole run and is flushed after
+every round, so a job killed at any moment (SIGKILL, wall-time limit) leaves a
+file that plain ``h5py.File(path, "r")`` opens, holding every flushed round.
+That is why we use h5py's default ``libver`` and no SWMR: a SWMR/"latest"
+file whose writer was SIGKILLed is marked "open for writing" in its superblock
+and plain readers refuse it, while a default-libver file carries no such mark.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import numbers
+import os
+import tempfile
+from datetime import datetime, timezone
+
+import h5py
+import numpy as np
+
+import fedmpi
+from fedmpi.errors import UserError
+
+# Bump when the layout changes in a way readers must know about.
+LAYOUT_VERSION = 1
+
+# name -> (units, description). Written as attributes on each dataset so the
+# file explains itself without this source code. Keys not listed here are
+# still accepted (units and description then empty) so the runtime can add a
+# metric without touching this module.
+ROUND_FIELDS: dict[str, tuple[str, str]] = {
+    "round": ("", "Federated round index, as counted by the runtime"),
+    "test_accuracy": (
+        "1",
+        "Accuracy of the global model on the test set after this round, a "
+        "fraction in [0, 1]; NaN in rounds without evaluation",
+    ),
+    "test_loss": (
+        "nats",
+        "Mean cross-entropy of the global model on the test set after this "
+        "round; NaN in rounds without evaluation",
+    ),
+    "train_loss": (
+        "nats",
+        "Training loss of this round's clients, mean weighted by their "
+        "num_samples",
+    ),
+    "num_clients": ("clients", "Number of clients that trained in this round"),
+    "num_samples": (
+        "samples", "Total training samples of the clients of this round"),
+    "seconds": ("s", "Wall-clock duration of the round, measured on rank 0"),
+    "bytes_up": (
+        "bytes", "Bytes of model updates sent from clients to rank 0"),
+    "bytes_down": (
+        "bytes", "Bytes of global model sent from rank 0 to clients"),
+}
+
+CLIENT_FIELDS: dict[str, tuple[str, str]] = {
+    "round": ("", "Round of this row; matches /rounds/round"),
+    "client_id": (
+        "", "Client index; row of /partition/num_samples and label_histogram"),
+    "rank": ("", "MPI rank that simulated the client in this round"),
+    "num_samples": ("samples", "Training samples held by the client"),
+    "train_loss": ("nats", "Client's mean training loss in this round"),
+    "seconds": ("s", "Wall-clock time of the client's local training"),
+}
+
+_RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
+                        "layout_version")
+
+# Chunk lengths (rows). Small enough that a short run doesn't waste space,
+# large enough that a long run doesn't pay per-chunk overhead per row.
+_ROUND_CHUNK = 256
+_CLIENT_CHUNK = 4096
+
+# "best-effort": take HDF5's advisory lock (so two jobs can't both write one
+# file) but don't fail on file systems without flock support (some Lustre
+# and NFS mounts), where strict locking would make every run fail.
+_WRITER_LOCKING = "best-effort"
+
+# Real paths of files a ResultsWriter in this process has open. HDF5 refuses
+# to open a file already open in the same process with different locking
+# settings ("file locking flag values don't match"), so read_run must use the
+# writer's setting for these rather than locking=False.
+_OPEN_WRITERS: set[str] = set()
+
+_FLAT_LAYOUT = (
+    "Flat float32 vector of all layers in order; for layer l: W_l of shape "
+    "(layer_sizes[l], layer_sizes[l+1]) in row-major (C) order, then b_l of "
+    "shape (layer_sizes[l+1],). See fedmpi.results.layers_from_flat."
+)
+
+
+def _probe_lock(path: str) -> None:
+    """Raise UserError if another open handle holds an HDF5 lock on path.
+
+    Needed because HDF5's mode "w" truncates the file (O_TRUNC) *before*
+    trying its lock: overwriting a file a running job is writing would wipe
+    that job's results and only then fail. HDF5 locks with flock(), so an
+    exclusive non-blocking flock here sees both writers and locking readers.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # unreadable: the later open reports it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(
+                f"results file {path} is open in another process (a running "
+                f"fedmpi job or an HDF5 reader): stop it or choose another "
+                f"--out") from None
+        # ENOLCK/EOPNOTSUPP etc.: no locking on this file system, so nobody
+        # else's HDF5 lock can exist either; nothing to detect.
+    finally:
+        os.close(fd)  # also releases our probe lock
+
+
+def check_output_path(path: str, overwrite: bool) -> None:
+    """Check early (before any work) that a results file can go to path.
+
+    Raises UserError if path is a directory, exists and not overwrite, is
+    open in another process, or its parent directory can't be created or
+    written. Creates missing parent directories; leaves no file behind.
+    """
+    if os.path.isdir(path):
+        raise UserError(
+            f"results file {path} is a directory: give a file name to --out")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise UserError(
+                f"results file {path} already exists: pass --overwrite or "
+                f"choose another --out")
+        _probe_lock(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    # makedirs would say "File exists" here, which reads like a clash with
+    # the results file itself; name the real problem instead.
+    for ancestor in _ancestors(parent):
+        if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+            raise UserError(
+                f"cannot create directory {parent} for results file {path}: "
+                f"{ancestor} is a file, not a directory")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create directory {parent} for results file {path}: "
+            f"{e.strerror or e}") from None
+    # Actually create a file rather than trust os.access: os.access says yes
+    # to root on read-only or full file systems and ignores ACL subtleties.
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".fedmpi-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot write results file {path}: directory {parent} is not "
+            f"writable ({e.strerror or e})") from None
+
+
+def _ancestors(directory: str):
+    """directory, its parent, ... up to the root (absolute paths)."""
+    while True:
+        yield directory
+        up = os.path.dirname(directory)
+        if up == directory:
+            return
+        directory = up
+
+
+def _num_params(layer_sizes) -> int:
+    return sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
+
+
+def _is_int_scalar(v) -> bool:
+    # bool is an int in Python; np.bool_ isn't numbers.Integral, so list it.
+    return isinstance(v, (numbers.Integral, np.bool_))
+
+
+class ResultsWriter:
+    """Writes one run's results file; keep it open for the run.
+
+    Per round the runtime calls append_round, append_clients, then flush.
+    Datasets under /rounds and /clients are created on the first append, so
+    their set of names and dtypes comes from the runtime, not from here.
+    """
+
+    def __init__(self, path: str, *, overwrite: bool, config: dict,
+                 attrs: dict, layer_sizes: list[int],
+                 partition_sizes: np.ndarray, label_histogram: np.ndarray):
+        # Validate everything before touching the file system, so a bad
+        # argument doesn't leave a half-written file or clobber an old one.
+        config_json = json.dumps(config, sort_keys=True)
+        for key, value in attrs.items():
+            if key in _RESERVED_ROOT_ATTRS:
+                raise ValueError(f"root attribute {key!r} is reserved")
+            if not isinstance(value, (str, numbers.Real)):
+                raise TypeError(
+                    f"root attribute {key!r} must be str, int or float, "
+                    f"not {type(value).__name__}")
+        layer_sizes = [int(s) for s in layer_sizes]
+        if len(layer_sizes) < 2 or min(layer_sizes) < 1:
+            raise ValueError(f"bad layer_sizes {layer_sizes}")
+        num_samples = np.asarray(partition_sizes)
+        histogram = np.asarray(label_histogram)
+        if num_samples.ndim != 1 or histogram.ndim != 2 or (
+                histogram.shape[0] != num_samples.shape[0]):
+            raise ValueError(
+                f"partition_sizes must be (clients,) and label_histogram "
+                f"(clients, classes); got {num_samples.shape} and "
+                f"{histogram.shape}")
+
+        check_output_path(path, overwrite)
+        if overwrite and os.path.lexists(path):
+            # Remove rather than let HDF5 truncate (see _probe_lock), then
+            # create exclusively: a racing job gets an error, not our file.
+            os.unlink(path)
+        try:
+            self._file = h5py.File(path, "x", locking=_WRITER_LOCKING)
+        except FileExistsError:
+            raise UserError(
+                f"results file {path} already exists: pass --overwrite or "
+                f"choose another --out") from None
+        except OSError as e:
+            raise UserError(f"cannot create results file {path}: {e}") \
+                from None
+        self.path = path
+        self._realpath = os.path.realpath(path)
+        _OPEN_WRITERS.add(self._realpath)
+        self._num_rounds = 0
+        self._num_client_rows = 0
+        self._round_keys: tuple[str, ...] | None = None
+        self._client_keys: tuple[str, ...] | None = None
+
+        f = self._file
+        f.attrs["config"] = config_json
+        f.attrs["fedmpi_version"] = fedmpi.__version__
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(
+            timespec="seconds")
+        f.attrs["layout_version"] = LAYOUT_VERSION
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+        part = f.create_group("partition")
+        part.attrs["description"] = (
+            "How the training set was split among clients; row i is client "
+            "i (client_id in /clients)")
+        ds = part.create_dataset("num_samples", data=num_samples,
+                                 dtype="int64")
+        ds.attrs["units"] = "samples"
+        ds.attrs["description"] = "Training samples assigned to each client"
+        ds = part.create_dataset("label_histogram", data=histogram,
+                                 dtype="int64")
+        ds.attrs["units"] = "samples"
+        ds.attrs["description"] = (
+            "Training samples of each class per client, shape "
+            "(clients, classes)")
+
+        # /model and its layout attrs exist from the start, so a killed run
+        # still tells readers how to interpret any parameters written later.
+        model = f.create_group("model")
+        model.attrs["layer_sizes"] = np.asarray(layer_sizes, dtype="int64")
+        model.attrs["num_params"] = _num_params(layer_sizes)
+        model.attrs["description"] = _FLAT_LAYOUT
+        self._layer_sizes = layer_sizes
+
+        f.create_group("rounds").attrs["description"] = (
+            "One row per federated round; all datasets have the same length "
+            "and 'round' is their dimension scale")
+        f.create_group("clients").attrs["description"] = (
+            "One row per (round, client) that trained; all datasets have the "
+            "same length")
+        # Make the file readable even if we're killed before the first round.
+        f.flush()
+
+    # -- appending -------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise ValueError(f"results file {self.path} is closed")
+
+    def append_round(self, row: dict) -> None:
+        """Append one row to /rounds; keys must be the same every call."""
+        self._check_open()
+        keys = tuple(sorted(row))
+        if self._round_keys is not None and keys != self._round_keys:
+            raise ValueError(
+                f"round fields changed: expected {list(self._round_keys)}, "
+                f"got {list(keys)}")
+        group = self._file["rounds"]
+        # Convert every value first, so a bad one raises before any dataset
+        # grows and the datasets stay the same length.
+        values = {}
+        for name, value in row.items():
+            if not isinstance(value, (numbers.Real, np.bool_)):
+                raise TypeError(f"round field {name!r} must be a number, "
+                                f"not {type(value).__name__}")
+            if self._round_keys is None:
+                is_int = _is_int_scalar(value)
+            else:
+                is_int = group[name].dtype.kind == "i"
+                if is_int and not _is_int_scalar(value):
+                    raise ValueError(f"round field {name!r} was an integer "
+                                     f"in earlier rounds, now {value!r}")
+            values[name] = int(value) if is_int else float(value)
+
+        if self._round_keys is None:
+            self._create_columns(group, values, ROUND_FIELDS, _ROUND_CHUNK)
+            self._round_keys = keys
+        n = self._num_rounds
+        for name, value in values.items():
+            ds = group[name]
+            ds.resize((n + 1,))
+            ds[n] = value
+        self._num_rounds = n + 1
+
+    def append_clients(self, cols: dict) -> None:
+        """Append rows to /clients: one array per field, all equally long."""
+        self._check_open()
+        keys = tuple(sorted(cols))
+        if self._client_keys is not None and keys != self._client_keys:
+            raise ValueError(
+                f"client fields changed: expected {list(self._client_keys)}, "
+                f"got {list(keys)}")
+        group = self._file["clients"]
+        arrays = {}
+        for name, col in cols.items():
+            a = np.asarray(col)
+            if a.ndim != 1:
+                raise ValueError(f"client field {name!r} must be 1-D, "
+                                 f"got shape {a.shape}")
+            if a.dtype.kind not in "iubf":
+                raise TypeError(f"client field {name!r} must be numeric, "
+                                f"got dtype {a.dtype}")
+            if self._client_keys is None:
+                is_int = a.dtype.kind in "iub"
+            else:
+                is_int = group[name].dtype.kind == "i"
+                if is_int and a.dtype.kind == "f":
+                    raise ValueError(f"client field {name!r} was integer in "
+                                     f"earlier rounds, now {a.dtype}")
+            arrays[name] = a.astype("int64" if is_int else "float64",
+                                    copy=False)
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) > 1:
+            raise ValueError(
+                "client fields have different lengths: "
+                + ", ".join(f"{k}={len(a)}" for k, a in arrays.items()))
+        m = lengths.pop() if lengths else 0
+
+        if self._client_keys is None:
+            self._create_columns(group, arrays, CLIENT_FIELDS, _CLIENT_CHUNK)
+            self._client_keys = keys
+        n = self._num_client_rows
+        for name, a in arrays.items():
+            ds = group[name]
+            ds.resize((n + m,))
+            ds[n:n + m] = a
+        self._num_client_rows = n + m
+
+    @staticmethod
+    def _create_columns(group, values: dict, fields: dict,
+                        chunk: int) -> None:
+        """Create an empty resizable 1-D dataset per key, with attrs."""
+        for name, value in values.items():
+            kind = np.asarray(value).dtype.kind
+            ds = group.create_dataset(
+                name, shape=(0,), maxshape=(None,), chunks=(chunk,),
+                dtype="int64" if kind == "i" else "float64")
+            units, description = fields.get(name, ("", ""))
+            ds.attrs["units"] = units
+            ds.attrs["description"] = description
+        # Only /rounds/round is a proper coordinate (one value per row,
+        # increasing); /clients/round repeats, so it stays a plain column.
+        if fields is ROUND_FIELDS and "round" in values:
+            scale = group["round"]
+            scale.make_scale("round")
+            for name in values:
+                if name != "round":
+                    group[name].dims[0].attach_scale(scale)
+
+    def write_params(self, name: str, params: np.ndarray) -> None:
+        """Store a flat parameter vector as /model/<name> (float32)."""
+        self._check_open()
+        flat = np.asarray(params, dtype="float32")
+        expected = _num_params(self._layer_sizes)
+        if flat.ndim != 1 or flat.size != expected:
+            raise ValueError(
+                f"params must be a flat vector of {expected} values for "
+                f"layer sizes {self._layer_sizes}, got shape {flat.shape}")
+        model = self._file["model"]
+        if name in model:
+            del model[name]  # shapes are fixed, so replace rather than write
+        ds = model.create_dataset(name, data=flat)
+        ds.attrs["description"] = _FLAT_LAYOUT
+
+    # -- lifetime ----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Push everything written so far to the OS (call after each round).
+
+        This is what makes a SIGKILLed run's file readable. It doesn't fsync:
+        a killed process's writes survive in the page cache; only a node
+        crash could lose them, and an fsync per round is costly on Lustre.
+        """
+        self._check_open()
+        self._file.flush()
+
+    def close(self) -> None:
+        """Flush and close; calling it again does nothing."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        finally:
+            self._file = None
+            _OPEN_WRITERS.discard(self._realpath)
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- reading ---------------------------------------------------------------
+
+def _py(value):
+    """h5py attribute value -> plain Python (numpy scalars to int/float)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _read_columns(group) -> dict[str, np.ndarray]:
+    """Read equal-length columns, cut to the shortest.
+
+    The writer keeps columns equal; unequal lengths can only come from a
+    writer killed mid-round whose partial writes reached the disk, and that
+    round's row is incomplete, so it's dropped.
+    """
+    if group is None:
+        return {}
+    cols = {name: ds[()] for name, ds in group.items()
+            if isinstance(ds, h5py.Dataset)}
+    if cols:
+        n = min(len(c) for c in cols.values())
+        cols = {name: c[:n] for name, c in cols.items()}
+    return cols
+
+
+def read_run(path: str) -> dict:
+    """Read a whole results file (also one still being written) into memory.
+
+    Returns {"config", "attrs", "rounds", "clients", "partition", "params",
+    "layer_sizes"}; "params" is /model/params or None if not written yet.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"results file {path} does not exist")
+    # locking=False: a reader must neither wait for nor block the running
+    # job that writes this file. Exception: a file this process is writing,
+    # where HDF5 insists on the writer's own locking setting (and shares the
+    # open file, so no lock is taken anyway).
+    same_process = os.path.realpath(path) in _OPEN_WRITERS
+    locking = _WRITER_LOCKING if same_process else False
+    try:
+        f = h5py.File(path, "r", locking=locking)
+    except OSError as e:
+        if not h5py.is_hdf5(path):
+            raise UserError(f"{path} is not an HDF5 file, so not a fedmpi "
+                            f"results file") from None
+        raise UserError(f"cannot read results file {path}: {e}") from None
+    with f:
+        if "layout_version" not in f.attrs:
+            raise UserError(f"{path} is an HDF5 file but not a fedmpi "
+                            f"results file (no layout_version attribute)")
+        version = int(f.attrs["layout_version"])
+        if version > LAYOUT_VERSION:
+            raise UserError(
+                f"results file {path} has layout version {version}, newer "
+                f"than this fedmpi reads ({LAYOUT_VERSION}): upgrade fedmpi")
+        attrs = {k: _py(v) for k, v in f.attrs.items()}
+        model = f.get("model")
+        params = None
+        layer_sizes: list[int] = []
+        if model is not None:
+            if "params" in model:
+                params = model["params"][()]
+            if "layer_sizes" in model.attrs:
+                layer_sizes = [int(s) for s in model.attrs["layer_sizes"]]
+        return {
+            "config": json.loads(attrs.get("config", "{}")),
+            "attrs": attrs,
+            "rounds": _read_columns(f.get("rounds")),
+            "clients": _read_columns(f.get("clients")),
+            "partition": {name: ds[()]
+                          for name, ds in f.get("partition", {}).items()},
+            "params": params,
+            "layer_sizes": layer_sizes,
+        }
+
+
+def layers_from_flat(params: np.ndarray,
+                     layer_sizes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split a flat parameter vector into per-layer (W, b) views.
+
+    W_l has shape (layer_sizes[l], layer_sizes[l+1]), b_l (layer_sizes[l+1],);
+    the layout written by ResultsWriter.write_params. No data is copied.
+    """
+    flat = np.asarray(params)
+    sizes = [int(s) for s in layer_sizes]
+    expected = _num_params(sizes)
+    if flat.ndim != 1 or flat.size != expected:
+        raise ValueError(f"expected a flat vector of {expected} values for "
+                         f"layer sizes {sizes}, got shape {flat.shape}")
+    layers = []
+    offset = 0
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        w = flat[offset:offset + n_in * n_out].reshape(n_in, n_out)
+        offset += n_in * n_out
+        b = flat[offset:offset + n_out]
+        offset += n_out
+        layers.append((w, b))
+    return layers

@@ -1,0 +1,343 @@
+"""Tests for fedmpi.results (HDF5 results file). No MPI; fast."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from fedmpi.errors import UserError
+from fedmpi.results import (
+    CLIENT_FIELDS, LAYOUT_VERSION, ROUND_FIELDS, ResultsWriter,
+    check_output_path, layers_from_flat, read_run)
+
+# Subprocesses import fedmpi from the source tree (it may not be installed).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYER_SIZES = [4, 3, 2]
+NUM_PARAMS = 4 * 3 + 3 + 3 * 2 + 2
+CONFIG = {"rounds": 3, "lr": 0.1, "data": {"name": "mnist"}}
+
+
+def make_writer(path, **kw):
+    args = dict(
+        overwrite=False, config=CONFIG,
+        attrs={"mpi_size": 4, "command": "fedmpi run x.toml"},
+        layer_sizes=LAYER_SIZES,
+        partition_sizes=np.array([10, 20, 30]),
+        label_histogram=np.array([[5, 5], [10, 10], [0, 30]]))
+    args.update(kw)
+    return ResultsWriter(str(path), **args)
+
+
+def round_row(r):
+    evaluated = r % 2 == 1
+    return {
+        "round": r,
+        "test_accuracy": 0.5 + 0.1 * r if evaluated else float("nan"),
+        "test_loss": 1.0 / (r + 1) if evaluated else float("nan"),
+        "train_loss": np.float32(2.0 - r),
+        "num_clients": np.int32(3),
+        "num_samples": 60,
+        "seconds": 0.25,
+        "bytes_up": 1000 * r,
+        "bytes_down": 2000 * r,
+        "extra_metric": 7.5,
+    }
+
+
+def client_cols(r):
+    return {
+        "round": np.full(3, r),
+        "client_id": np.arange(3),
+        "rank": np.array([1, 2, 1], dtype=np.int32),
+        "num_samples": np.array([10, 20, 30]),
+        "train_loss": np.array([0.1, 0.2, 0.3]) * (r + 1),
+        "seconds": np.array([0.01, 0.02, 0.03], dtype=np.float32),
+    }
+
+
+def write_run(path, rounds=3):
+    params = np.arange(NUM_PARAMS, dtype=np.float64) / 10
+    with make_writer(path) as w:
+        for r in range(rounds):
+            w.append_round(round_row(r))
+            w.append_clients(client_cols(r))
+            w.flush()
+        w.write_params("params", params * 0)  # replaced just below
+        w.write_params("params", params)
+    return params
+
+
+def test_round_trip_plain_h5py(tmp_path):
+    path = tmp_path / "run.h5"
+    params = write_run(path)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["layout_version"] == LAYOUT_VERSION
+        assert json.loads(f.attrs["config"]) == CONFIG
+        assert f.attrs["mpi_size"] == 4
+        assert f.attrs["command"] == "fedmpi run x.toml"
+        assert "fedmpi_version" in f.attrs and "created" in f.attrs
+
+        rounds = f["rounds"]
+        assert {len(ds) for ds in rounds.values()} == {3}
+        assert set(rounds) == set(round_row(0))
+        for name in ("round", "num_clients", "num_samples", "bytes_up"):
+            assert rounds[name].dtype == np.int64, name
+        for name in ("test_accuracy", "train_loss", "seconds"):
+            assert rounds[name].dtype == np.float64, name
+        assert rounds["round"][:].tolist() == [0, 1, 2]
+        assert rounds["bytes_down"][:].tolist() == [0, 2000, 4000]
+        acc = rounds["test_accuracy"][:]
+        assert np.isnan(acc[0]) and np.isnan(acc[2])
+        assert acc[1] == pytest.approx(0.6)
+        for name, (units, desc) in ROUND_FIELDS.items():
+            assert rounds[name].attrs["units"] == units
+            assert rounds[name].attrs["description"] == desc
+        assert rounds["extra_metric"].attrs["units"] == ""
+        assert rounds["round"].is_scale
+        assert rounds["test_loss"].dims[0][0] == rounds["round"]
+
+        clients = f["clients"]
+        assert {len(ds) for ds in clients.values()} == {9}
+        assert clients["rank"].dtype == np.int64
+        assert clients["seconds"].dtype == np.float64
+        assert clients["round"][:].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert clients["train_loss"][6:].tolist() == pytest.approx(
+            [0.3, 0.6, 0.9])
+        for name, (units, _) in CLIENT_FIELDS.items():
+            assert clients[name].attrs["units"] == units
+
+        assert f["partition/num_samples"].dtype == np.int64
+        assert f["partition/label_histogram"].shape == (3, 2)
+        assert f["partition/label_histogram"].attrs["description"]
+
+        assert f["model"].attrs["layer_sizes"].tolist() == LAYER_SIZES
+        assert "row-major" in f["model"].attrs["description"]
+        assert f["model/params"].dtype == np.float32
+        np.testing.assert_allclose(f["model/params"][:], params, rtol=1e-6)
+
+
+def test_round_trip_read_run(tmp_path):
+    path = tmp_path / "run.h5"
+    params = write_run(path)
+    run = read_run(str(path))
+    assert run["config"] == CONFIG
+    assert run["attrs"]["mpi_size"] == 4
+    assert run["attrs"]["layout_version"] == LAYOUT_VERSION
+    assert run["layer_sizes"] == LAYER_SIZES
+    assert run["rounds"]["num_samples"].tolist() == [60, 60, 60]
+    assert run["clients"]["client_id"].tolist() == [0, 1, 2] * 3
+    assert run["partition"]["num_samples"].tolist() == [10, 20, 30]
+    np.testing.assert_allclose(run["params"], params, rtol=1e-6)
+
+    layers = layers_from_flat(run["params"], run["layer_sizes"])
+    assert [(w.shape, b.shape) for w, b in layers] == [
+        ((4, 3), (3,)), ((3, 2), (2,))]
+    w0, b0 = layers[0]
+    np.testing.assert_allclose(w0[1, 2], params[1 * 3 + 2], rtol=1e-6)
+    np.testing.assert_allclose(b0, params[12:15], rtol=1e-6)
+    np.testing.assert_allclose(layers[1][1], params[-2:], rtol=1e-6)
+    assert np.shares_memory(w0, run["params"])  # views, not copies
+
+
+def test_read_run_before_any_round(tmp_path):
+    path = tmp_path / "run.h5"
+    make_writer(path).close()
+    run = read_run(str(path))
+    assert run["rounds"] == {} and run["clients"] == {}
+    assert run["params"] is None
+    assert run["layer_sizes"] == LAYER_SIZES
+
+
+def test_append_round_rejects_changed_keys(tmp_path):
+    with make_writer(tmp_path / "run.h5") as w:
+        w.append_round({"round": 0, "train_loss": 1.0})
+        with pytest.raises(ValueError):
+            w.append_round({"round": 1})
+        with pytest.raises(ValueError):
+            w.append_round({"round": 1, "train_loss": 1.0, "other": 2})
+        with pytest.raises(ValueError):  # int column, non-integer value
+            w.append_round({"round": 1.5, "train_loss": 1.0})
+        w.append_round({"round": 1, "train_loss": 2})  # int into float: ok
+    rounds = read_run(str(tmp_path / "run.h5"))["rounds"]
+    assert rounds["round"].tolist() == [0, 1]
+    assert rounds["train_loss"].tolist() == [1.0, 2.0]
+
+
+def test_append_clients_rejects_bad_columns(tmp_path):
+    with make_writer(tmp_path / "run.h5") as w:
+        with pytest.raises(ValueError):
+            w.append_clients({"round": np.zeros(3, int),
+                              "train_loss": np.zeros(2)})
+        w.append_clients(client_cols(0))
+        with pytest.raises(ValueError):
+            w.append_clients({"round": np.zeros(3, int)})
+    assert len(read_run(str(tmp_path / "run.h5"))["clients"]["round"]) == 3
+
+
+def test_write_params_checks_length(tmp_path):
+    with make_writer(tmp_path / "run.h5") as w:
+        with pytest.raises(ValueError):
+            w.write_params("params", np.zeros(NUM_PARAMS + 1))
+
+
+def test_close_is_idempotent(tmp_path):
+    w = make_writer(tmp_path / "run.h5")
+    w.close()
+    w.close()
+    with pytest.raises(ValueError):
+        w.append_round({"round": 0})
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    sys.path[:0] = [{repo!r}, {tests_dir!r}]
+    from test_results import make_writer, round_row, client_cols
+    w = make_writer({path!r})
+    for r in range(5):
+        w.append_round(round_row(r))
+        w.append_clients(client_cols(r))
+        w.flush()
+    # Dirty, unflushed state at the moment of death must not matter.
+    w.append_round(round_row(5))
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_sigkilled_writer_leaves_readable_file(tmp_path):
+    path = str(tmp_path / "killed.h5")
+    code = KILLED_WRITER.format(repo=REPO, path=path,
+                                tests_dir=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == -9, proc.stderr
+    with h5py.File(path, "r") as f:  # plain open, as any user would
+        assert len(f["rounds/round"]) == 5
+        assert f["rounds/round"][:].tolist() == [0, 1, 2, 3, 4]
+        assert len(f["clients/round"]) == 15
+    assert read_run(path)["rounds"]["seconds"].shape == (5,)
+
+
+def test_check_output_path_existing_file(tmp_path):
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"old")
+    with pytest.raises(UserError, match="already exists: pass --overwrite"):
+        check_output_path(str(path), overwrite=False)
+    check_output_path(str(path), overwrite=True)
+    assert path.read_bytes() == b"old"  # checking doesn't touch it
+    with pytest.raises(UserError, match="already exists"):
+        make_writer(path)
+    make_writer(path, overwrite=True).close()
+    assert read_run(str(path))["config"] == CONFIG
+
+
+def test_check_output_path_creates_parents(tmp_path):
+    path = tmp_path / "a" / "b" / "x.h5"
+    check_output_path(str(path), overwrite=False)
+    assert path.parent.is_dir()
+    assert os.listdir(path.parent) == []  # no probe file left behind
+
+
+def test_check_output_path_parent_is_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="not a directory"):
+        check_output_path(str(blocker / "sub" / "x.h5"), overwrite=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+def test_check_output_path_unwritable_dir(tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="not writable"):
+            check_output_path(str(locked / "x.h5"), overwrite=False)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_check_output_path_unwritable_dir_any_user(tmp_path, monkeypatch):
+    # Same as above but also runs as root: fake the probe file failing.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("fedmpi.results.tempfile.TemporaryFile", refuse)
+    with pytest.raises(UserError, match="not writable"):
+        check_output_path(str(tmp_path / "x.h5"), overwrite=False)
+
+
+def test_check_output_path_is_directory(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        check_output_path(str(tmp_path), overwrite=True)
+
+
+def test_overwrite_refuses_file_of_running_writer(tmp_path):
+    # HDF5's mode "w" would truncate the running job's file before failing
+    # on the lock; we must refuse without touching it.
+    path = tmp_path / "run.h5"
+    with make_writer(path) as w:
+        w.append_round({"round": 0})
+        w.flush()
+        size = path.stat().st_size
+        with pytest.raises(UserError, match="open in another process"):
+            make_writer(path, overwrite=True)
+        assert path.stat().st_size == size
+    assert read_run(str(path))["rounds"]["round"].tolist() == [0]
+
+
+def test_read_run_not_hdf5(tmp_path):
+    path = tmp_path / "junk.h5"
+    path.write_text("not hdf5\n")
+    with pytest.raises(UserError, match="not an HDF5 file"):
+        read_run(str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        read_run(str(tmp_path / "missing.h5"))
+
+
+def test_read_run_foreign_hdf5(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(UserError, match="not a fedmpi results file"):
+        read_run(str(path))
+
+
+def test_read_while_writer_open_same_process(tmp_path):
+    path = tmp_path / "run.h5"
+    with make_writer(path) as w:
+        for r in range(2):
+            w.append_round(round_row(r))
+            w.append_clients(client_cols(r))
+            w.flush()
+        run = read_run(str(path))
+        assert run["rounds"]["round"].tolist() == [0, 1]
+        w.append_round(round_row(2))  # writer still works after the read
+        w.flush()
+    assert read_run(str(path))["rounds"]["round"].tolist() == [0, 1, 2]
+
+
+def test_read_while_writer_open_other_process(tmp_path):
+    # The real use: a tool reading the file of a job that is still running.
+    path = tmp_path / "run.h5"
+    code = ("import sys; from fedmpi.results import read_run; "
+            "print(read_run(sys.argv[1])['rounds']['round'].tolist())")
+    with make_writer(path) as w:
+        for r in range(2):
+            w.append_round(round_row(r))
+            w.append_clients(client_cols(r))
+            w.flush()
+        proc = subprocess.run([sys.executable, "-c", code, str(path)],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "[0, 1]"
+
+
+def test_layers_from_flat_checks_length():
+    with pytest.raises(ValueError):
+        layers_from_flat(np.zeros(NUM_PARAMS - 1), LAYER_SIZES)
