@@ -1,0 +1,246 @@
+"""Every setting of a run: defaults, validation, TOML file + command-line flags.
+
+The resolved Config is frozen and saved (as JSON) with the results, so a
+results file always says exactly how it was made. Precedence: built-in
+defaults < --config FILE.toml < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+
+from fedmpi.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
+PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet")
+ALGORITHMS = ("fedavg", "fedsgd")
+OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("cross_entropy", "mse")
+INITS = ("glorot_uniform", "he_uniform")
+
+
+def _opt(help_, choices=None, flag=None):
+    return {"help": help_, "choices": choices, "flag": flag}
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = field(default="synthetic", metadata=_opt(
+        "synthetic (built in: FedProx's Synthetic(alpha,beta)), fashion-mnist, mnist, or npz:PATH"))
+    data_dir: str | None = field(default=None, metadata=_opt(
+        "directory with the IDX files (default: ./data/<name>/, then /usr/share/datasets/<name>/)"))
+    synthetic_alpha: float = field(default=1.0, metadata=_opt(
+        "Synthetic(alpha,beta): how much the clients' models differ"))
+    synthetic_beta: float = field(default=1.0, metadata=_opt(
+        "Synthetic(alpha,beta): how much the clients' inputs differ"))
+    partition: str = field(default="auto", metadata=_opt(
+        "how samples are split over clients; auto = natural for synthetic, iid otherwise",
+        PARTITIONS))
+    alpha: float = field(default=0.5, metadata=_opt(
+        "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"))
+    shards_per_client: int = field(default=2, metadata=_opt(
+        "label-sorted shards per client for --partition shards (McMahan et al. use 2)"))
+    clients: int = field(default=100, metadata=_opt("number of simulated clients"))
+    # federated schedule
+    clients_per_round: int = field(default=10, metadata=_opt(
+        "clients sampled (without replacement) each round"))
+    rounds: int = field(default=50, metadata=_opt("number of communication rounds"))
+    algorithm: str = field(default="fedavg", metadata=_opt("federated algorithm", ALGORITHMS))
+    server_lr: float = field(default=1.0, metadata=_opt(
+        "server learning rate applied to the averaged update (1 = plain FedAvg)"))
+    # local training
+    local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
+    batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
+    lr: float = field(default=0.05, metadata=_opt("client learning rate"))
+    optimizer: str = field(default="sgd", metadata=_opt("client optimizer", OPTIMIZERS))
+    momentum: float = field(default=0.0, metadata=_opt("SGD momentum (0 = plain SGD)"))
+    weight_decay: float = field(default=0.0, metadata=_opt("L2 weight decay added to the gradient"))
+    # model
+    hidden: tuple[int, ...] = field(default=(128, 64), metadata=_opt(
+        "hidden layer widths, comma separated ('200,200' is the FedAvg paper's 2NN; "
+        "'none' for softmax regression)"))
+    init: str = field(default="glorot_uniform", metadata=_opt("weight initialisation", INITS))
+    loss: str = field(default="cross_entropy", metadata=_opt(
+        "cross_entropy (softmax) or mse (on one-hot targets)", LOSSES))
+    # run
+    seed: int = field(default=0, metadata=_opt("seed of every random draw of the run"))
+    eval_every: int = field(default=1, metadata=_opt(
+        "evaluate the global model on the test set every N rounds (and after the last)"))
+    out: str | None = field(default=None, metadata=_opt(
+        "results file (default: results/<timestamp>.h5)"))
+    overwrite: bool = field(default=False, metadata=_opt("replace an existing results file"))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def resolved_partition(self) -> str:
+        if self.partition != "auto":
+            return self.partition
+        return "natural" if self.dataset == "synthetic" else "iid"
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def parse_hidden(value) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("", "none", "0"):
+            return ()
+        items = [s.strip() for s in text.split(",")]
+    try:
+        widths = tuple(int(s) for s in items)
+    except (TypeError, ValueError):
+        raise UserError(f"--hidden {value!r} is malformed: give comma-separated positive "
+                        "integers such as 128,64 (or 'none')") from None
+    if any(w < 1 for w in widths):
+        raise UserError(f"--hidden {value!r} has a width below 1: give positive integers such as 128,64")
+    return widths
+
+
+def _convert(name: str, value):
+    """A TOML or command-line value converted to the field's type, or UserError."""
+    f = FIELDS[name]
+    flag = "--" + name.replace("_", "-")
+    if name == "hidden":
+        return parse_hidden(value)
+    typ = f.type
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ.startswith("str"):
+            if value is None or isinstance(value, str):
+                return value
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"unhandled type {typ}")
+    raise UserError(f"{flag} got {value!r}: expected {typ.replace(' | None', '')}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise UserError naming the first bad setting and what to use instead."""
+    def need(ok, msg):
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.rounds >= 1, f"--rounds must be at least 1 (got {cfg.rounds})")
+    need(cfg.clients >= 1, f"--clients must be at least 1 (got {cfg.clients})")
+    need(1 <= cfg.clients_per_round <= cfg.clients,
+         f"--clients-per-round must be between 1 and --clients ({cfg.clients}); got {cfg.clients_per_round}")
+    need(cfg.local_epochs >= 1, f"--local-epochs must be at least 1 (got {cfg.local_epochs})")
+    need(cfg.batch_size >= 0, f"--batch-size must be 0 (full batch) or positive (got {cfg.batch_size})")
+    need(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
+    need(cfg.server_lr > 0, f"--server-lr must be positive (got {cfg.server_lr})")
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be non-negative (got {cfg.weight_decay})")
+    need(cfg.alpha > 0, f"--alpha must be positive (got {cfg.alpha})")
+    need(cfg.shards_per_client >= 1, f"--shards-per-client must be at least 1 (got {cfg.shards_per_client})")
+    need(cfg.synthetic_alpha >= 0 and cfg.synthetic_beta >= 0,
+         "--synthetic-alpha and --synthetic-beta must be non-negative")
+    need(cfg.eval_every >= 1, f"--eval-every must be at least 1 (got {cfg.eval_every})")
+    need(cfg.seed >= 0, f"--seed must be non-negative (got {cfg.seed})")
+    need(cfg.dataset in DATASETS[:-1] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4,
+         f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist or npz:PATH")
+    for name in ("partition", "algorithm", "optimizer", "loss", "init"):
+        choices = FIELDS[name].metadata["choices"]
+        value = getattr(cfg, name)
+        need(value in choices, f"--{name} {value!r} is unknown: choose one of {', '.join(choices)}")
+    if cfg.algorithm == "fedsgd":
+        need(cfg.local_epochs == 1 and cfg.batch_size == 0 and cfg.optimizer == "sgd"
+             and cfg.momentum == 0 and cfg.weight_decay == 0,
+             "--algorithm fedsgd computes one full-batch gradient per client: use it with "
+             "--local-epochs 1 --batch-size 0 --optimizer sgd and no momentum or weight decay")
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python -m fedmpi --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m fedmpi",
+        description="Run one federated training job. Under mpiexec, rank 0 aggregates and "
+                    "the other ranks host the simulated clients; alone, one process does both.",
+        argument_default=argparse.SUPPRESS,  # so we can tell which flags were given
+    )
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="read settings from a TOML file (keys as below, '-' or '_'); flags override it")
+    defaults = Config()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "hidden":
+            default = ",".join(map(str, default)) or "none"
+        help_ = f"{f.metadata['help']} (default: {default})"
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", dest=f.name, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_)
+    return p
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"config file {path}: unknown setting {key!r} "
+                            "(see python -m fedmpi --help for the settings)")
+        out[name] = value
+    return out
+
+
+def from_dict(values: dict) -> Config:
+    """A validated Config from {field: value} (values may be strings from a CLI)."""
+    converted = {name: _convert(name, v) for name, v in values.items()}
+    return validate(Config(**converted))
+
+
+def parse_args(argv=None) -> Config:
+    """Config from command-line arguments; UserError on anything wrong."""
+    ns = vars(build_parser().parse_args(argv))
+    values = load_toml(ns.pop("config")) if "config" in ns else {}
+    values.update(ns)
+    return from_dict(values)
