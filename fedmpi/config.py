@@ -175,10 +175,12 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, name)
         need(value in choices, f"--{name} {value!r} is unknown: choose one of {', '.join(choices)}")
     if cfg.algorithm == "fedsgd":
-        need(cfg.local_epochs == 1 and cfg.batch_size == 0 and cfg.optimizer == "sgd"
-             and cfg.momentum == 0 and cfg.weight_decay == 0,
-             "--algorithm fedsgd computes one full-batch gradient per client: use it with "
-             "--local-epochs 1 --batch-size 0 --optimizer sgd and no momentum or weight decay")
+        need(cfg.optimizer == "sgd" and cfg.momentum == 0 and cfg.weight_decay == 0,
+             "--algorithm fedsgd sends one plain gradient per client: use --optimizer sgd "
+             "without --momentum or --weight-decay")
+        # One full-batch gradient per client: record that in the saved config
+        # rather than the (unused) local-training defaults.
+        cfg = dataclasses.replace(cfg, local_epochs=1, batch_size=0)
     return cfg
 
 

@@ -1,0 +1,53 @@
+"""FedAvg (McMahan et al., AISTATS 2017) and the interface other algorithms extend.
+
+An algorithm says three things, none of which knows about MPI:
+- client_update: what one client sends, given the global model;
+- weight: how much a client's update counts (normalised over the round);
+- server_step: the new global model from the weighted mean of the updates.
+The runtime does the rest (who trains whom, exact summation, broadcast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmpi.client import LocalTrainer
+from fedmpi.config import Config
+from fedmpi.model.mlp import MLP
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    update: np.ndarray  # float32, what the client sends (may be a view of a scratch buffer)
+    loss_sum: float  # sum of per-sample training losses the client saw
+    samples_seen: int
+
+
+class FedAvg:
+    """Clients run E local epochs; the server adds the sample-weighted mean delta.
+
+    w <- w + server_lr * sum_k (n_k / n) (w_k - w), server_lr = 1 being the paper's.
+    """
+
+    def __init__(self, cfg: Config, model: MLP):
+        self.cfg = cfg
+        self.model = model
+        self._local = np.zeros(model.num_params, np.float32)
+
+    def client_update(self, trainer: LocalTrainer, global_params: np.ndarray,
+                      indices: np.ndarray, rng: np.random.Generator) -> ClientResult:
+        local = self._local
+        local[:] = global_params
+        loss, seen, _ = trainer.train(local, indices, rng)
+        np.subtract(local, global_params, out=local)
+        return ClientResult(local, loss, seen)
+
+    def weight(self, num_samples: int) -> float:
+        return float(num_samples)
+
+    def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
+        """New global params (float32) from the float64 weighted mean update."""
+        return (global_params.astype(np.float64)
+                + self.cfg.server_lr * mean_update).astype(np.float32)

@@ -1,0 +1,65 @@
+"""Train one client: (global params, its samples, settings, rng) -> new params + metrics.
+
+No MPI, no I/O. A rank keeps one LocalTrainer and reuses its buffers for
+every client it hosts, so training a client allocates only its copy of the
+model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmpi.config import Config
+from fedmpi.data import Dataset
+from fedmpi.model import kernels
+from fedmpi.model.mlp import MLP
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+class LocalTrainer:
+    def __init__(self, cfg: Config, model: MLP, data: Dataset):
+        self.cfg = cfg
+        self.model = model
+        self.data = data
+        self._sizes = model.sizes_array
+        self._woff = model.weight_offsets
+        self._boff = model.bias_offsets
+        self._ws = kernels.workspace(self._sizes)
+        self._grad = np.zeros(model.num_params, np.float32)
+        self._state = np.zeros(2 * model.num_params, np.float32)  # momentum or Adam m, v
+        self._xscale = np.float32(data.x_scale)
+        self._loss = kernels.LOSSES[cfg.loss]
+        self._opt = kernels.OPTIMIZERS[cfg.optimizer]
+
+    def train(self, params: np.ndarray, indices: np.ndarray, rng: np.random.Generator,
+              prox_mu: float = 0.0, anchor: np.ndarray = _EMPTY,
+              correction: np.ndarray = _EMPTY) -> tuple[float, int, int]:
+        """Local epochs in place on `params`; returns (loss sum, samples seen, steps).
+
+        Each epoch visits the client's samples in a fresh random order drawn
+        from `rng` (the client's own generator for this round).
+        """
+        cfg = self.cfg
+        order = np.concatenate([indices[rng.permutation(indices.shape[0])]
+                                for _ in range(cfg.local_epochs)])
+        loss, seen, steps = kernels.train_local(
+            params, self._sizes, self._woff, self._boff, self.data.x_train, self._xscale,
+            self.data.y_train, order, cfg.local_epochs, cfg.batch_size, self._loss, self._opt,
+            cfg.lr, cfg.momentum, cfg.weight_decay, 0.9, 0.999, 1e-8, prox_mu, anchor,
+            correction, self._grad, self._state, self._ws)
+        return float(loss), int(seen), int(steps)
+
+    def gradient(self, params: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, float]:
+        """Full-batch mean-loss gradient at `params` (a view of an internal buffer) and the loss sum."""
+        loss = kernels.gradient(params, self._sizes, self._woff, self._boff, self.data.x_train,
+                                self._xscale, self.data.y_train, np.ascontiguousarray(indices),
+                                self._loss, self._grad, self._ws)
+        return self._grad, float(loss)
+
+    def evaluate(self, params: np.ndarray, start: int, stop: int) -> tuple[float, int]:
+        """(loss sum, number correct) on test samples start..stop-1."""
+        loss, correct = kernels.evaluate(params, self._sizes, self._woff, self._boff,
+                                         self.data.x_test, self._xscale, self.data.y_test,
+                                         start, stop, self._loss, self._ws)
+        return float(loss), int(correct)

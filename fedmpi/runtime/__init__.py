@@ -1,0 +1,64 @@
+"""The only package that imports mpi4py: process roles, collectives, the round loop."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+
+from fedmpi.errors import UserError
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None, comm=None) -> int:
+    """Entry point of ``python -m fedmpi``: returns the process exit status.
+
+    0 on success; 2 for bad input (one line on stderr from rank 0, every rank
+    exits by itself); 128+N when stopped by signal N. Any other failure on any
+    rank aborts the whole MPI job, so no rank is left waiting in a collective.
+    """
+    from mpi4py import MPI
+
+    from fedmpi.config import build_parser, parse_args
+    from fedmpi.runtime.loop import run
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    argv = sys.argv[1:] if argv is None else list(argv)
+    root = comm.rank == 0
+    if "-h" in argv or "--help" in argv:
+        if root:
+            build_parser().print_help()
+        return 0
+    # Python raises the exception between bytecodes, so a signal that arrives
+    # during an HDF5 write lets the write finish before the file is closed.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_interrupted)
+    try:
+        cfg = parse_args(argv)
+        run(cfg, comm, argv)
+        return 0
+    except UserError as e:
+        if root:
+            print(f"fedmpi: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Interrupted as e:
+        print(f"fedmpi: rank {comm.rank} interrupted by {e}; finished rounds are in the results "
+              "file", file=sys.stderr, flush=True)
+        status = 128 + e.signum
+    except BaseException as e:  # noqa: BLE001 -- any failure must end the whole job
+        print(f"fedmpi: rank {comm.rank}/{comm.size} failed: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        traceback.print_exc(file=sys.stderr)
+        status = 1
+    if comm.size > 1:
+        comm.Abort(status)  # the other ranks may be inside a collective
+    return status

@@ -1,0 +1,233 @@
+"""The round loop: who trains which client, exact aggregation, server step, evaluation.
+
+Rank 0 is the aggregator; ranks 1..size-1 host the clients (a single process
+plays both roles). One round:
+  1. every rank draws the same clients and the same rank assignment;
+  2. each worker trains its clients one after another, keeping their updates;
+  3. an Allreduce(MAX) agrees on a bound of the updates, each worker sums its
+     weighted updates as fixed-point int64 and one Reduce brings the sums to
+     rank 0 -- exact, so the result does not depend on who trained whom;
+  4. rank 0 applies the server step and broadcasts the new global model;
+  5. every rank evaluates a fixed set of test chunks, rank 0 writes the round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from datetime import datetime
+
+import numpy as np
+from mpi4py import MPI
+
+import fedmpi
+from fedmpi import aggregate, algorithms, schedule
+from fedmpi.client import LocalTrainer
+from fedmpi.config import Config
+from fedmpi.data import Dataset, load_dataset
+from fedmpi.data.partition import make_partition
+from fedmpi.errors import UserError
+from fedmpi.model.mlp import MLP
+from fedmpi.rng import generator
+from fedmpi.runtime import comm as C
+
+EVAL_CHUNK = 1000  # test samples per evaluation chunk; fixed so sums don't depend on ranks
+
+
+def _default_out() -> str:
+    return os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S") + ".h5")
+
+
+def _load_shared(cfg: Config, comm: MPI.Comm):
+    """The data set, read or generated once per node and shared by its ranks."""
+    node_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    leader = node_rank.rank == 0
+    node_rank.Free()
+    ds, error = None, None
+    if leader:
+        try:
+            ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed,
+                              num_clients=cfg.clients, synthetic_alpha=cfg.synthetic_alpha,
+                              synthetic_beta=cfg.synthetic_beta)
+        except UserError as e:
+            error = str(e)
+    C.agree(comm, error)
+    meta = None
+    arrays = None
+    if leader:
+        meta = dict(name=ds.name, num_classes=ds.num_classes, x_scale=ds.x_scale)
+        arrays = dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+        if ds.natural_sizes is not None:
+            arrays["natural_sizes"] = np.asarray(ds.natural_sizes, np.int64)
+        del ds  # the shared copy replaces it
+    meta = comm.bcast(meta, root=0)
+    views, handle = C.share_arrays(comm, arrays)
+    del arrays
+    data = Dataset(name=meta["name"], x_train=views["x_train"], y_train=views["y_train"],
+                   x_test=views["x_test"], y_test=views["y_test"],
+                   num_classes=meta["num_classes"], x_scale=meta["x_scale"],
+                   natural_sizes=views.get("natural_sizes"))
+    return data, handle
+
+
+def _print_config(cfg: Config, data: Dataset, model: MLP, size: int) -> None:
+    print(f"fedmpi {fedmpi.__version__}: {size} MPI rank(s), "
+          f"{'rank 0 aggregates, ' + str(size - 1) + ' host clients' if size > 1 else 'one process'}")
+    print(f"data {data.name}: {data.x_train.shape[0]} train / {data.x_test.shape[0]} test samples, "
+          f"{data.num_features} features, {data.num_classes} classes; "
+          f"model {'-'.join(map(str, model.sizes))} ({model.num_params} parameters)")
+    print("# resolved configuration (TOML, usable with --config)")
+    for k, v in cfg.to_dict().items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            v = str(v).lower()
+        elif isinstance(v, str):
+            v = '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        print(f"{k} = {v}")
+    sys.stdout.flush()
+
+
+class _Evaluator:
+    """Test-set evaluation spread over all ranks in fixed chunks.
+
+    Chunk boundaries do not depend on the number of ranks, each chunk's loss
+    is summed in a fixed order, and rank 0 adds the chunks in chunk order:
+    the same numbers for any rank count.
+    """
+
+    def __init__(self, comm: MPI.Comm, trainer: LocalTrainer, num_test: int):
+        self.comm = comm
+        self.trainer = trainer
+        self.num_test = num_test
+        self.starts = np.arange(0, num_test, EVAL_CHUNK)
+        self.mine = [i for i in range(len(self.starts)) if i % comm.size == comm.rank]
+
+    def __call__(self, params: np.ndarray) -> tuple[float, float]:
+        part = np.zeros((len(self.starts), 2), np.float64)
+        for i in self.mine:
+            start = int(self.starts[i])
+            stop = min(self.num_test, start + EVAL_CHUNK)
+            part[i] = self.trainer.evaluate(params, start, stop)
+        total = np.zeros_like(part) if self.comm.rank == 0 else None
+        C.reduce_sum(self.comm, part, total)  # adding zeros is exact
+        if self.comm.rank != 0:
+            return float("nan"), float("nan")
+        return (float(total[:, 1].sum() / self.num_test),
+                float(total[:, 0].sum() / self.num_test))
+
+
+def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
+    """Run the federated job described by `cfg` on `comm`."""
+    from fedmpi.results import ResultsWriter, check_output_path
+
+    rank, size = comm.rank, comm.size
+    root = rank == 0  # this rank aggregates, writes results and prints
+    workers = list(range(1, size)) if size > 1 else [0]
+
+    out, error = None, None
+    if root:
+        out = cfg.out or _default_out()
+        try:
+            check_output_path(out, cfg.overwrite)
+        except UserError as e:
+            error = str(e)
+    C.agree(comm, error)
+    cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
+
+    data, _keep_alive = _load_shared(cfg, comm)
+    part = make_partition(cfg.resolved_partition(), data.y_train, cfg.clients, seed=cfg.seed,
+                          alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
+                          natural_sizes=data.natural_sizes)
+    cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())
+    sizes = part.sizes
+    model = MLP((data.num_features, *cfg.hidden, data.num_classes))
+    params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
+    algo = algorithms.make(cfg, model)
+    trainer = LocalTrainer(cfg, model, data)
+    evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
+    nbytes = model.num_params * 4  # one float32 model or update
+
+    writer = None
+    if root:
+        _print_config(cfg, data, model, size)
+        writer = ResultsWriter(
+            cfg.out, overwrite=cfg.overwrite, config=cfg.to_dict(),
+            attrs={"mpi_size": size, "command": shlex.join([sys.executable, "-m", "fedmpi",
+                                                            *(argv or [])])},
+            layer_sizes=list(model.sizes), partition_sizes=sizes,
+            label_histogram=part.label_histogram(data.y_train, data.num_classes))
+    try:
+        for rnd in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            clients = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd)
+            plan = schedule.assign(clients, sizes, len(workers))
+            mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
+            weights = np.array([algo.weight(int(sizes[c])) for c in clients], np.float64)
+            total_weight = float(weights.sum())
+            weight_of = dict(zip(clients.tolist(), (weights / total_weight).tolist()))
+
+            # 2. local training
+            updates = np.empty((len(mine), model.num_params), np.float32)
+            records = []
+            bound = 0.0
+            for i, c in enumerate(mine.tolist()):
+                tc = time.perf_counter()
+                res = algo.client_update(trainer, params, part.indices(c),
+                                         generator(cfg.seed, "shuffle", rnd, c))
+                updates[i] = res.update
+                bound = max(bound, float(np.max(np.abs(updates[i]), initial=0.0)))
+                records.append((rnd, c, rank, int(sizes[c]), res.loss_sum / max(res.samples_seen, 1),
+                                time.perf_counter() - tc))
+
+            # 3. exact aggregation
+            bound = C.allreduce_max(comm, bound)
+            try:
+                scale = aggregate.scale_for(bound)
+            except FloatingPointError:
+                raise UserError(f"training diverged in round {rnd}: a client's update is not "
+                                "finite; lower --lr (or --server-lr)") from None
+            acc = np.zeros(model.num_params, np.int64)
+            for i, c in enumerate(mine.tolist()):
+                aggregate.accumulate(acc, updates[i], weight_of[c], scale)
+            total = np.zeros_like(acc) if root else None
+            C.reduce_sum(comm, acc, total)
+            gathered = comm.gather(records, root=0)
+
+            # 4. server step and broadcast
+            if root:
+                params = algo.server_step(params, aggregate.to_float(total, scale))
+            C.bcast(comm, params)
+
+            # 5. evaluation and results
+            test_acc = test_loss = float("nan")
+            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                test_acc, test_loss = evaluate(params)
+            if root:
+                recs = sorted((r for rs in gathered for r in rs), key=lambda r: r[1])
+                cols = {name: np.array([r[j] for r in recs]) for j, name in enumerate(
+                    ("round", "client_id", "rank", "num_samples", "train_loss", "seconds"))}
+                n_round = int(cols["num_samples"].sum())
+                train_loss = float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
+                seconds = time.perf_counter() - t0
+                writer.append_round({
+                    "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
+                    "train_loss": train_loss, "num_clients": len(clients),
+                    "num_samples": n_round, "seconds": seconds,
+                    "bytes_up": len(clients) * nbytes, "bytes_down": len(clients) * nbytes,
+                })
+                writer.append_clients(cols)
+                if rnd == cfg.rounds:
+                    writer.write_params("params", params)
+                writer.flush()
+                print(f"round {rnd:4d}/{cfg.rounds}  test_acc {test_acc:.4f}  "
+                      f"test_loss {test_loss:.4f}  train_loss {train_loss:.4f}  "
+                      f"{seconds:.3f} s", flush=True)
+    finally:
+        if writer is not None:
+            writer.close()
+    if root:
+        print(f"results written to {cfg.out}", flush=True)
