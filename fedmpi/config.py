@@ -79,6 +79,12 @@ class Config:
     out: str | None = field(default=None, metadata=_opt(
         "results file (default: results/<timestamp>.h5)"))
     overwrite: bool = field(default=False, metadata=_opt("replace an existing results file"))
+    checkpoint_every: int = field(default=1, metadata=_opt(
+        "store a checkpoint in the results file every N rounds (a model's worth of data; "
+        "cheap) and after the last"))
+    resume: str | None = field(default=None, metadata=_opt(
+        "continue the run in results file PATH from its last checkpoint; 'auto' = continue "
+        "--out if it has a checkpoint, else start afresh"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -88,6 +94,17 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def differences(self, other: dict) -> list[str]:
+        """Settings that change results and differ from `other` (a saved config).
+
+        The output location, checkpoint frequency and the number of rounds
+        may change on resume (more rounds extend a finished run).
+        """
+        mine = self.to_dict()
+        return sorted(k for k in mine if k not in RESUMABLE
+                      and (k in other and other[k] != mine[k]
+                           or k not in other and mine[k] != FIELDS[k].default))
+
     def resolved_partition(self) -> str:
         if self.partition != "auto":
             return self.partition
@@ -95,6 +112,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+RESUMABLE = {"out", "overwrite", "resume", "checkpoint_every", "rounds"}
 
 
 def parse_hidden(value) -> tuple[int, ...]:
@@ -168,6 +186,9 @@ def validate(cfg: Config) -> Config:
          "--synthetic-alpha and --synthetic-beta must be non-negative")
     need(cfg.eval_every >= 1, f"--eval-every must be at least 1 (got {cfg.eval_every})")
     need(cfg.seed >= 0, f"--seed must be non-negative (got {cfg.seed})")
+    need(cfg.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every})")
+    need(cfg.resume != "auto" or cfg.out is not None,
+         "--resume auto needs --out PATH: the file to continue if it has a checkpoint")
     need(cfg.dataset in DATASETS[:-1] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4,
          f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist or npz:PATH")
     for name in ("partition", "algorithm", "optimizer", "loss", "init"):

@@ -406,6 +406,69 @@ class ResultsWriter:
         ds = model.create_dataset(name, data=flat)
         ds.attrs["description"] = _FLAT_LAYOUT
 
+    # -- checkpoints -------------------------------------------------------
+
+    def write_checkpoint(self, round_: int, arrays: dict[str, np.ndarray]) -> None:
+        """Store what a resumed run needs after `round_`, atomically.
+
+        Two slots under /checkpoint: the new state goes into the slot not in
+        use, is flushed, and only then does /checkpoint's `current` attribute
+        switch to it. A job killed while writing leaves `current` on the
+        previous, complete slot. Datasets keep their shapes, so after the
+        first two checkpoints a write changes data in place, not metadata.
+        """
+        self._check_open()
+        group = self._file.require_group("checkpoint")
+        current = int(group.attrs.get("current", -1))
+        slot = group.require_group(f"slot{1 - current if current in (0, 1) else 0}")
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if name in slot and (slot[name].shape != a.shape or slot[name].dtype != a.dtype):
+                del slot[name]
+            if name in slot:
+                slot[name][...] = a
+            else:
+                slot.create_dataset(name, data=a)
+        slot.attrs["round"] = int(round_)
+        slot.attrs["rounds_rows"] = self._num_rounds
+        slot.attrs["clients_rows"] = self._num_client_rows
+        self._file.flush()
+        group.attrs["current"] = int(slot.name[-1])
+        group.attrs["round"] = int(round_)
+        self._file.flush()
+
+    @classmethod
+    def reopen(cls, path: str) -> tuple["ResultsWriter", int, dict[str, np.ndarray]]:
+        """Open a run's file to continue it from its last checkpoint.
+
+        Rows written after that checkpoint (rounds that will be re-run) are
+        cut off. Returns (writer, checkpoint round, checkpoint arrays).
+        """
+        ckpt = read_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"{path} has no checkpoint to resume from: start the run afresh")
+        _probe_lock(path)
+        self = cls.__new__(cls)
+        try:
+            self._file = h5py.File(path, "r+", locking=_WRITER_LOCKING)
+        except OSError as e:
+            raise UserError(f"cannot open {path} to resume: {e}") from None
+        self.path = path
+        self._realpath = os.path.realpath(path)
+        _OPEN_WRITERS.add(self._realpath)
+        f = self._file
+        self._layer_sizes = [int(v) for v in f["model"].attrs["layer_sizes"]]
+        slot = f["checkpoint"][f"slot{int(f['checkpoint'].attrs['current'])}"]
+        self._num_rounds = int(slot.attrs["rounds_rows"])
+        self._num_client_rows = int(slot.attrs["clients_rows"])
+        for group, n in ((f["rounds"], self._num_rounds), (f["clients"], self._num_client_rows)):
+            for ds in group.values():
+                ds.resize((n,))
+        self._round_keys = tuple(sorted(f["rounds"])) or None
+        self._client_keys = tuple(sorted(f["clients"])) or None
+        f.flush()
+        return self, ckpt[1], ckpt[2]
+
     # -- lifetime ----------------------------------------------------------
 
     def flush(self) -> None:
@@ -536,3 +599,20 @@ def layers_from_flat(params: np.ndarray,
         offset += n_out
         layers.append((w, b))
     return layers
+
+
+def read_checkpoint(path: str) -> tuple[dict, int, dict[str, np.ndarray]] | None:
+    """(config, round, arrays) of the run's last complete checkpoint, or None."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError:
+        return None
+    with f:
+        if "layout_version" not in f.attrs or "config" not in f.attrs:
+            return None
+        group = f.get("checkpoint")
+        if group is None or "current" not in group.attrs:
+            return None
+        slot = group[f"slot{int(group.attrs['current'])}"]
+        arrays = {name: ds[...] for name, ds in slot.items()}
+        return json.loads(_py(f.attrs["config"])), int(slot.attrs["round"]), arrays

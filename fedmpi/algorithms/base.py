@@ -47,6 +47,13 @@ class FedAvg:
     def weight(self, num_samples: int) -> float:
         return float(num_samples)
 
+    def server_state(self) -> dict[str, np.ndarray]:
+        """Server-side state beyond the model, saved in checkpoints (none for FedAvg)."""
+        return {}
+
+    def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
     def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
         """New global params (float32) from the float64 weighted mean update."""
         return (global_params.astype(np.float64)

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import sys
+import time
 import traceback
 
 from fedmpi.errors import UserError
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+from fedmpi.runtime import signals
+from fedmpi.runtime.signals import Interrupted
 
 
 def main(argv: list[str] | None = None, comm=None) -> int:
@@ -38,10 +30,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
         if root:
             build_parser().print_help()
         return 0
-    # Python raises the exception between bytecodes, so a signal that arrives
-    # during an HDF5 write lets the write finish before the file is closed.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_interrupted)
+    signals.install()
     try:
         cfg = parse_args(argv)
         run(cfg, comm, argv)
@@ -51,8 +40,13 @@ def main(argv: list[str] | None = None, comm=None) -> int:
             print(f"fedmpi: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Interrupted as e:
-        print(f"fedmpi: rank {comm.rank} interrupted by {e}; finished rounds are in the results "
-              "file", file=sys.stderr, flush=True)
+        if root:
+            print(f"fedmpi: interrupted by {e}; finished rounds and the last checkpoint are in "
+                  "the results file (continue with --resume)", file=sys.stderr, flush=True)
+        else:
+            # Rank 0 has most likely been signalled too: let it close the
+            # results file before the abort below ends every rank.
+            time.sleep(3)
         status = 128 + e.signum
     except BaseException as e:  # noqa: BLE001 -- any failure must end the whole job
         print(f"fedmpi: rank {comm.rank}/{comm.size} failed: {type(e).__name__}: {e}",

@@ -33,12 +33,54 @@ from fedmpi.errors import UserError
 from fedmpi.model.mlp import MLP
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
+from fedmpi.runtime import signals
 
 EVAL_CHUNK = 1000  # test samples per evaluation chunk; fixed so sums don't depend on ranks
 
 
 def _default_out() -> str:
     return os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S") + ".h5")
+
+
+def _plan_output(cfg: Config):
+    """(results path, checkpoint to continue from or None); run on rank 0.
+
+    Without --resume: a new file at --out. With --resume PATH: continue PATH,
+    which must hold a checkpoint of the same configuration. With --resume
+    auto: continue --out if it holds a checkpoint, else start afresh there.
+    """
+    from fedmpi.results import check_output_path, read_checkpoint, read_run
+
+    if cfg.resume is None:
+        out = cfg.out or _default_out()
+        check_output_path(out, cfg.overwrite)
+        return out, None
+    auto = cfg.resume == "auto"
+    out = cfg.out if auto else cfg.resume
+    if not auto and cfg.out is not None and os.path.abspath(cfg.out) != os.path.abspath(out):
+        raise UserError(f"--out {cfg.out} and --resume {cfg.resume} name different files: "
+                        "a resumed run continues in the file it resumes")
+    if not os.path.exists(out):
+        if auto:
+            check_output_path(out, False)
+            return out, None
+        raise UserError(f"--resume {out}: no such file")
+    ckpt = read_checkpoint(out)
+    if ckpt is None:
+        if not auto:
+            raise UserError(f"--resume {out}: the file holds no checkpoint; start the run "
+                            "afresh (--resume auto does that by itself)")
+        read_run(out)  # only replace a file that is a fedmpi results file
+        check_output_path(out, True)
+        return out, None
+    saved, _, _ = ckpt
+    diff = cfg.differences(saved)
+    if diff:
+        mine = cfg.to_dict()
+        raise UserError(f"cannot resume {out}: the configuration differs in "
+                        + ", ".join(f"{k} (file {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
+                        + "; give the run's own settings or start a new run")
+    return out, ckpt
 
 
 def _load_shared(cfg: Config, comm: MPI.Comm):
@@ -122,27 +164,26 @@ class _Evaluator:
 
 def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     """Run the federated job described by `cfg` on `comm`."""
-    from fedmpi.results import ResultsWriter, check_output_path
+    from fedmpi.results import ResultsWriter
 
     rank, size = comm.rank, comm.size
     root = rank == 0  # this rank aggregates, writes results and prints
     workers = list(range(1, size)) if size > 1 else [0]
 
-    out, error = None, None
+    cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())
+    out, ckpt, error = None, None, None
     if root:
-        out = cfg.out or _default_out()
         try:
-            check_output_path(out, cfg.overwrite)
+            out, ckpt = _plan_output(cfg)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
     cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
 
     data, _keep_alive = _load_shared(cfg, comm)
-    part = make_partition(cfg.resolved_partition(), data.y_train, cfg.clients, seed=cfg.seed,
+    part = make_partition(cfg.partition, data.y_train, cfg.clients, seed=cfg.seed,
                           alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
                           natural_sizes=data.natural_sizes)
-    cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())
     sizes = part.sizes
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
@@ -151,17 +192,30 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
     nbytes = model.num_params * 4  # one float32 model or update
 
-    writer = None
+    writer, first = None, 1
     if root:
         _print_config(cfg, data, model, size)
-        writer = ResultsWriter(
-            cfg.out, overwrite=cfg.overwrite, config=cfg.to_dict(),
-            attrs={"mpi_size": size, "command": shlex.join([sys.executable, "-m", "fedmpi",
-                                                            *(argv or [])])},
-            layer_sizes=list(model.sizes), partition_sizes=sizes,
-            label_histogram=part.label_histogram(data.y_train, data.num_classes))
+        if ckpt is not None:
+            writer, done, arrays = ResultsWriter.reopen(cfg.out)
+            params[:] = arrays["params"]
+            algo.load_server_state(arrays)
+            first = done + 1
+            print(f"resuming {cfg.out} after round {done}", flush=True)
+        else:
+            writer = ResultsWriter(
+                cfg.out, overwrite=True, config=cfg.to_dict(),
+                attrs={"mpi_size": size, "command": shlex.join(
+                    [sys.executable, "-m", "fedmpi", *(argv or [])])},
+                layer_sizes=list(model.sizes), partition_sizes=sizes,
+                label_histogram=part.label_histogram(data.y_train, data.num_classes))
+    first = comm.bcast(first, root=0)
+    if first > 1:
+        C.bcast(comm, params)  # the checkpoint's model, read by rank 0
     try:
-        for rnd in range(1, cfg.rounds + 1):
+        if root and first > cfg.rounds:
+            writer.write_params("params", params)
+            print(f"{cfg.out} already holds all {cfg.rounds} rounds", flush=True)
+        for rnd in range(first, cfg.rounds + 1):
             t0 = time.perf_counter()
             clients = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd)
             plan = schedule.assign(clients, sizes, len(workers))
@@ -213,16 +267,20 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 n_round = int(cols["num_samples"].sum())
                 train_loss = float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                 seconds = time.perf_counter() - t0
-                writer.append_round({
-                    "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
-                    "train_loss": train_loss, "num_clients": len(clients),
-                    "num_samples": n_round, "seconds": seconds,
-                    "bytes_up": len(clients) * nbytes, "bytes_down": len(clients) * nbytes,
-                })
-                writer.append_clients(cols)
-                if rnd == cfg.rounds:
-                    writer.write_params("params", params)
-                writer.flush()
+                with signals.held():  # a stop never leaves half a round in the file
+                    writer.append_round({
+                        "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
+                        "train_loss": train_loss, "num_clients": len(clients),
+                        "num_samples": n_round, "seconds": seconds,
+                        "bytes_up": len(clients) * nbytes, "bytes_down": len(clients) * nbytes,
+                    })
+                    writer.append_clients(cols)
+                    writer.flush()
+                    if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
+                        writer.write_checkpoint(rnd, {"params": params, **algo.server_state()})
+                    if rnd == cfg.rounds:
+                        writer.write_params("params", params)
+                        writer.flush()
                 print(f"round {rnd:4d}/{cfg.rounds}  test_acc {test_acc:.4f}  "
                       f"test_loss {test_loss:.4f}  train_loss {train_loss:.4f}  "
                       f"{seconds:.3f} s", flush=True)
