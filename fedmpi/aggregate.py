@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 _HEADROOM_BITS = 61
 
@@ -32,7 +33,30 @@ def scale_for(bound: float) -> float:
 
 def accumulate(acc: np.ndarray, update: np.ndarray, weight: float, scale: float) -> None:
     """acc += round(update * weight * scale), exactly representable, in place."""
-    acc += np.rint(update.astype(np.float64) * (weight * scale)).astype(np.int64)
+    _accumulate(acc, update, weight * scale)  # weight * 2**k: exact
+
+
+@njit(cache=True)
+def _accumulate(acc, update, factor):
+    # one pass, no float64/int64 temporaries of the model's size; np.rint
+    # rounds half to even, the same on every rank
+    for i in range(acc.shape[0]):
+        acc[i] += np.int64(np.rint(np.float64(update[i]) * factor))
+
+
+@njit(cache=True)
+def max_abs(x) -> float:
+    """max |x_i| (0 for an empty array); inf if any element is NaN or inf.
+
+    inf rather than NaN, so that max() and MPI's MAX keep it and scale_for
+    rejects it: a NaN compares false with everything and would be dropped.
+    """
+    m = 0.0
+    for i in range(x.shape[0]):
+        a = abs(np.float64(x[i]))
+        if not a <= m:
+            m = a if a == a else np.inf
+    return m
 
 
 def to_float(acc: np.ndarray, scale: float) -> np.ndarray:

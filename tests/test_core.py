@@ -147,3 +147,19 @@ def test_server_step_applies_server_lr():
     w = np.ones(model.num_params, np.float32)
     d = np.full(model.num_params, 0.5)
     assert np.allclose(FedAvg(from_dict({"server_lr": 2.0}), model).server_step(w, d), 2.0)
+
+
+def test_max_abs_keeps_non_finite_values():
+    assert aggregate.max_abs(np.array([1.0, -3.0, 2.0], np.float32)) == 3.0
+    assert aggregate.max_abs(np.zeros(0, np.float32)) == 0.0
+    assert aggregate.max_abs(np.array([1.0, np.nan, 2.0], np.float32)) == np.inf
+    assert aggregate.max_abs(np.array([np.nan], np.float32)) == np.inf
+    assert aggregate.max_abs(np.array([-np.inf, 1.0], np.float32)) == np.inf
+
+
+def test_accumulate_matches_numpy_rounding():
+    rng = np.random.default_rng(5)
+    u = rng.normal(size=1001).astype(np.float32)
+    acc = np.zeros(1001, np.int64)
+    aggregate.accumulate(acc, u, 0.3, 2.0 ** 40)
+    assert np.array_equal(acc, np.rint(u.astype(np.float64) * (0.3 * 2.0 ** 40)).astype(np.int64))

@@ -233,7 +233,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 res = algo.client_update(trainer, params, part.indices(c),
                                          generator(cfg.seed, "shuffle", rnd, c))
                 updates[i] = res.update
-                bound = max(bound, float(np.max(np.abs(updates[i]), initial=0.0)))
+                bound = max(bound, aggregate.max_abs(updates[i]))
                 records.append((rnd, c, rank, int(sizes[c]), res.loss_sum / max(res.samples_seen, 1),
                                 time.perf_counter() - tc))
 
