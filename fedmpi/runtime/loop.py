@@ -31,6 +31,7 @@ from fedmpi.data import Dataset, load_dataset
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
 from fedmpi.model.mlp import MLP
+from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
 from fedmpi.runtime import signals
@@ -211,6 +212,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     first = comm.bcast(first, root=0)
     if first > 1:
         C.bcast(comm, params)  # the checkpoint's model, read by rank 0
+    progress = Progress(cfg.rounds, first) if root else None
+    finished = False
     try:
         if root and first > cfg.rounds:
             writer.write_params("params", params)
@@ -281,11 +284,12 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                     if rnd == cfg.rounds:
                         writer.write_params("params", params)
                         writer.flush()
-                print(f"round {rnd:4d}/{cfg.rounds}  test_acc {test_acc:.4f}  "
-                      f"test_loss {test_loss:.4f}  train_loss {train_loss:.4f}  "
-                      f"{seconds:.3f} s", flush=True)
+                progress.round_done(rnd, test_acc, test_loss, train_loss, seconds)
+        finished = True
     finally:
         if writer is not None:
+            if progress.tty and not finished:
+                progress.close()
             writer.close()
     if root:
         print(f"results written to {cfg.out}", flush=True)
