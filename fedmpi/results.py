@@ -616,3 +616,17 @@ def read_checkpoint(path: str) -> tuple[dict, int, dict[str, np.ndarray]] | None
         slot = group[f"slot{int(group.attrs['current'])}"]
         arrays = {name: ds[...] for name, ds in slot.items()}
         return json.loads(_py(f.attrs["config"])), int(slot.attrs["round"]), arrays
+
+
+def load(path: str):
+    """The run in `path` as a fedmpi.analysis.Run (config, rounds, clients, params...)."""
+    from fedmpi.analysis import load as _load  # analysis builds on this module
+
+    return _load(path)
+
+
+def load_many(paths_or_glob, target: float | None = None):
+    """One row per run with config keys as columns (see fedmpi.analysis.load_many)."""
+    from fedmpi.analysis import load_many as _load_many
+
+    return _load_many(paths_or_glob, target=target)
