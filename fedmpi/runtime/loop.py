@@ -44,7 +44,7 @@ def _default_out() -> str:
 
 
 def _plan_output(cfg: Config):
-    """(results path, checkpoint to continue from or None); run on rank 0.
+    """(results path, checkpoint to continue from or None, replace an old file?); rank 0.
 
     Without --resume: a new file at --out. With --resume PATH: continue PATH,
     which must hold a checkpoint of the same configuration. With --resume
@@ -55,7 +55,7 @@ def _plan_output(cfg: Config):
     if cfg.resume is None:
         out = cfg.out or _default_out()
         check_output_path(out, cfg.overwrite)
-        return out, None
+        return out, None, cfg.overwrite
     auto = cfg.resume == "auto"
     out = cfg.out if auto else cfg.resume
     if not auto and cfg.out is not None and os.path.abspath(cfg.out) != os.path.abspath(out):
@@ -64,7 +64,7 @@ def _plan_output(cfg: Config):
     if not os.path.exists(out):
         if auto:
             check_output_path(out, False)
-            return out, None
+            return out, None, False
         raise UserError(f"--resume {out}: no such file")
     ckpt = read_checkpoint(out)
     if ckpt is None:
@@ -73,7 +73,7 @@ def _plan_output(cfg: Config):
                             "afresh (--resume auto does that by itself)")
         read_run(out)  # only replace a file that is a fedmpi results file
         check_output_path(out, True)
-        return out, None
+        return out, None, True
     saved, _, _ = ckpt
     diff = cfg.differences(saved)
     if diff:
@@ -81,7 +81,7 @@ def _plan_output(cfg: Config):
         raise UserError(f"cannot resume {out}: the configuration differs in "
                         + ", ".join(f"{k} (file {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
                         + "; give the run's own settings or start a new run")
-    return out, ckpt
+    return out, ckpt, False
 
 
 def _load_shared(cfg: Config, comm: MPI.Comm):
@@ -172,10 +172,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     workers = list(range(1, size)) if size > 1 else [0]
 
     cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())
-    out, ckpt, error = None, None, None
+    out, ckpt, replace, error = None, None, False, None
     if root:
         try:
-            out, ckpt = _plan_output(cfg)
+            out, ckpt, replace = _plan_output(cfg)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
@@ -193,22 +193,26 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
     nbytes = model.num_params * 4  # one float32 model or update
 
-    writer, first = None, 1
+    writer, first, error = None, 1, None
     if root:
         _print_config(cfg, data, model, size)
-        if ckpt is not None:
-            writer, done, arrays = ResultsWriter.reopen(cfg.out)
-            params[:] = arrays["params"]
-            algo.load_server_state(arrays)
-            first = done + 1
-            print(f"resuming {cfg.out} after round {done}", flush=True)
-        else:
-            writer = ResultsWriter(
-                cfg.out, overwrite=True, config=cfg.to_dict(),
-                attrs={"mpi_size": size, "command": shlex.join(
-                    [sys.executable, "-m", "fedmpi", *(argv or [])])},
-                layer_sizes=list(model.sizes), partition_sizes=sizes,
-                label_histogram=part.label_histogram(data.y_train, data.num_classes))
+        try:  # the path was checked, but creating the file can still fail (disk, name, race)
+            if ckpt is not None:
+                writer, done, arrays = ResultsWriter.reopen(cfg.out)
+                params[:] = arrays["params"]
+                algo.load_server_state(arrays)
+                first = done + 1
+                print(f"resuming {cfg.out} after round {done}", flush=True)
+            else:
+                writer = ResultsWriter(
+                    cfg.out, overwrite=replace, config=cfg.to_dict(),
+                    attrs={"mpi_size": size, "command": shlex.join(
+                        [sys.executable, "-m", "fedmpi", *(argv or [])])},
+                    layer_sizes=list(model.sizes), partition_sizes=sizes,
+                    label_histogram=part.label_histogram(data.y_train, data.num_classes))
+        except UserError as e:
+            error = str(e)
+    C.agree(comm, error)
     first = comm.bcast(first, root=0)
     if first > 1:
         C.bcast(comm, params)  # the checkpoint's model, read by rank 0
