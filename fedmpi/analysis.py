@@ -7,6 +7,7 @@
     run.config["lr"], run.rounds["test_accuracy"], run.layers()[0]
     df = analysis.load_many("results/*.h5", target=0.8)   # one row per run
     rows = analysis.summarize(["a.h5", "b.h5"], target=0.8)
+    run.participation(), run.client_loss_by_round()  # per-client views
 
 Nothing here writes HDF5: files are read with :func:`fedmpi.results.read_run`,
 which opens them with ``locking=False``, so finished, killed and still-running
@@ -147,6 +148,80 @@ class Run:
                 f"{self.path} has no /model/params yet: the run is still "
                 f"running or was stopped before its last round")
         return layers_from_flat(self.params, self.layer_sizes)
+
+    # -- clients ---------------------------------------------------------
+
+    def client_column(self, name: str) -> np.ndarray:
+        """/clients/<name> as an array (empty if no client row was written yet).
+
+        Raises UserError if client rows exist but this dataset doesn't.
+        """
+        if name in self._clients:
+            return self._clients[name]
+        if not self._clients:
+            return np.empty(0)
+        raise UserError(
+            f"{self.path} has no /clients/{name} dataset (it has: "
+            f"{', '.join(self._clients)}); not a complete fedmpi results file?")
+
+    @property
+    def num_clients(self) -> int:
+        """Clients in the run: rows of /partition/num_samples, else config
+        ``clients``, and at least the largest client_id + 1."""
+        sizes = self.partition.get("num_samples")
+        if sizes is not None:
+            n = len(sizes)
+        else:
+            value = self.config.get("clients")
+            n = int(value) if isinstance(value, (int, float)) else 0
+        ids = np.asarray(self.client_column("client_id"))
+        if ids.size:
+            if ids.min() < 0:
+                raise UserError(f"{self.path}: /clients/client_id has negative "
+                                f"values; not a fedmpi results file?")
+            n = max(n, int(ids.max()) + 1)
+        return n
+
+    def participation(self) -> np.ndarray:
+        """Rounds each client trained in so far: an int array indexed by client_id."""
+        ids = np.asarray(self.client_column("client_id"), dtype=np.int64)
+        return np.bincount(ids, minlength=self.num_clients)
+
+    def labels_per_client(self) -> np.ndarray | None:
+        """Distinct labels each client holds (from /partition/label_histogram),
+        or None if the file has no partition."""
+        hist = self.partition.get("label_histogram")
+        if hist is None:
+            return None
+        return np.count_nonzero(np.asarray(hist) > 0, axis=1)
+
+    def client_loss_by_round(self) -> dict[str, np.ndarray]:
+        """How the clients' /clients/train_loss spreads within each round.
+
+        Returns a dict of equal-length arrays, one entry per round that has
+        client rows: ``round``, ``clients`` (how many trained), ``min``,
+        ``q25``, ``median``, ``q75``, ``max`` (NumPy's default linear
+        percentiles; NaN losses are left out, all-NaN rounds give NaN).
+        """
+        rnd = np.asarray(self.client_column("round"))
+        loss = np.asarray(self.client_column("train_loss"), dtype=np.float64)
+        keys = ("round", "clients", "min", "q25", "median", "q75", "max")
+        if rnd.size == 0:
+            return {k: np.empty(0, dtype=np.int64 if k in ("round", "clients")
+                                else np.float64) for k in keys}
+        order = np.argsort(rnd, kind="stable")
+        rounds, starts, counts = np.unique(rnd[order], return_index=True,
+                                           return_counts=True)
+        stats = np.full((len(rounds), 5), np.nan)
+        for i, (start, count) in enumerate(zip(starts, counts)):
+            values = loss[order[start:start + count]]
+            values = values[~np.isnan(values)]
+            if values.size:
+                stats[i] = np.percentile(values, [0, 25, 50, 75, 100])
+                stats[i, 0], stats[i, 4] = values.min(), values.max()  # exact with inf
+        out = {"round": rounds.astype(np.int64), "clients": counts.astype(np.int64)}
+        out.update({k: stats[:, j] for j, k in enumerate(keys[2:])})
+        return out
 
     def summary(self, target: float | None = None) -> dict:
         """The SUMMARY_COLUMNS of this run (values None where undefined).

@@ -354,26 +354,41 @@ def bad_inputs(runs, tmp_path):
                             ".png, .svg or .pdf"),
         "plot bad group": (["plot", runs[("iid", 0)], "--group-by", "nope", "--out",
                             str(tmp_path / "a.png")], "no such config key"),
+        "clients missing file": (["clients", str(tmp_path / "nope.h5")], "does not exist"),
+        "clients several runs": (["clients", os.path.dirname(runs[("iid", 0)])],
+                                 "clients shows one run, but got 4"),
+        "clients not hdf5": (["clients", str(text)], "not an HDF5 file"),
+        "clients bad every": (["clients", runs[("iid", 0)], "--every", "0"], "--every"),
+        "clients bad top": (["clients", runs[("iid", 0)], "--top", "-1"], "--top"),
+        "clients bad suffix": (["clients", runs[("iid", 0)], "--out",
+                                str(tmp_path / "a.gif")], ".png, .svg or .pdf"),
+        "clients bad dpi": (["clients", runs[("iid", 0)], "--dpi", "0", "--out",
+                             str(tmp_path / "a.png")], "dpi must be positive"),
     }
 
 
 CASES = ["not hdf5", "other program", "missing dataset", "missing file",
          "glob matches nothing", "directory without runs", "bad target", "bad flag",
          "no command", "watch missing file", "watch bad interval", "plot bad y",
-         "plot bad suffix", "plot bad group"]
+         "plot bad suffix", "plot bad group", "clients missing file", "clients several runs",
+         "clients not hdf5", "clients bad every", "clients bad top", "clients bad suffix",
+         "clients bad dpi"]
+NEEDS_MATPLOTLIB = {"plot bad y", "plot bad suffix", "plot bad group", "clients bad suffix",
+                    "clients bad dpi"}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_one_line_exit_2(case, bad_inputs, tmp_path, capsys):
     os.makedirs(tmp_path / "empty_dir", exist_ok=True)
     args, message = bad_inputs[case]
-    if case.startswith("plot") and not _has_matplotlib():
+    if case in NEEDS_MATPLOTLIB and not _has_matplotlib():
         message = "pip install fedmpi[plot]"
     status, out, err = call(capsys, *args)
     assert status == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("fedmpi-report: error: ")
     assert message in err
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "a.gif").exists()
 
 
 def test_bad_input_subprocess_no_traceback(bad_inputs):
@@ -524,3 +539,184 @@ def test_watch_ctrl_c_exits_0(runs, tmp_path):
     assert proc.returncode == 0
     assert "Traceback" not in err and err == ""
     assert "finished" not in out
+
+
+# -- clients -------------------------------------------------------------------
+
+def client_expected(path):
+    """Per-client numbers straight from the file with h5py."""
+    with h5py.File(path, "r") as f:
+        c = {k: f["clients"][k][()] for k in f["clients"]}
+        sizes = f["partition/num_samples"][()]
+        hist = f["partition/label_histogram"][()]
+    counts = np.bincount(c["client_id"], minlength=len(sizes))
+    labels = (hist > 0).sum(axis=1)
+    per_round = {}
+    for r in np.unique(c["round"]):
+        loss = c["train_loss"][c["round"] == r]
+        per_round[int(r)] = [len(loss), loss.min(), *np.percentile(loss, [25, 50, 75]),
+                             loss.max()]
+    return c, sizes, hist, counts, labels, per_round
+
+
+def _mmm(values):
+    """'min A  median B  max C' as clients prints it."""
+    def num(v):
+        v = float(v)
+        return str(int(v)) if v.is_integer() else f"{v:.1f}"
+    return f"min {num(np.min(values))}  median {num(np.median(values))}  max {num(np.max(values))}"
+
+
+def _section(lines, start):
+    i = next(i for i, line in enumerate(lines) if line.startswith(start))
+    j = next((k for k in range(i + 1, len(lines)) if not lines[k].strip()), len(lines))
+    return lines[i:j]
+
+
+def test_client_api_matches_h5py(runs):
+    path = runs[("natural", 0)]
+    run = analysis.load(path)
+    c, sizes, hist, counts, labels, per_round = client_expected(path)
+    assert run.num_clients == len(sizes) == 12
+    np.testing.assert_array_equal(run.participation(), counts)
+    assert run.participation().sum() == ROUNDS * 4
+    np.testing.assert_array_equal(run.labels_per_client(), labels)
+    stats = run.client_loss_by_round()
+    assert list(stats) == ["round", "clients", "min", "q25", "median", "q75", "max"]
+    assert list(stats["round"]) == sorted(per_round)
+    for i, r in enumerate(stats["round"]):
+        got = [stats[k][i] for k in ("clients", "min", "q25", "median", "q75", "max")]
+        np.testing.assert_allclose(got, per_round[int(r)], rtol=1e-12)
+    np.testing.assert_array_equal(run.client_column("rank"), c["rank"])
+
+
+@pytest.mark.parametrize("spec", [("iid", 0), ("natural", 1)])
+def test_clients_text_matches_h5py(runs, spec, capsys):
+    path = runs[spec]
+    c, sizes, hist, counts, labels, per_round = client_expected(path)
+    status, out, err = call(capsys, "clients", path, "--every", "1", "--top", "3")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == (f"{path}: synthetic, partition={spec[0]}, 12 clients, 4 per round, "
+                        f"{ROUNDS}/{ROUNDS} rounds")
+
+    part = _section(lines, "partition:")
+    assert part[0] == (f"partition: {sizes.sum()} training samples of {hist.shape[1]} "
+                       f"labels over 12 clients")
+    assert part[1].split(None, 3)[3] == _mmm(sizes)
+    assert part[2].split(None, 3)[3].startswith(_mmm(labels))
+
+    par = _section(lines, "participation:")
+    assert par[0] == f"participation: {ROUNDS * 4} client-rounds in {ROUNDS} rounds"
+    assert par[1].split(None, 3)[3] == f"{_mmm(counts)}  mean {counts.mean():.2f}"
+    never = np.flatnonzero(counts == 0)
+    assert par[2].split()[2] == str(never.size)
+    if never.size:
+        assert par[2].split(": ", 1)[1] == ", ".join(map(str, never))
+    # the table: header, 3 most sampled, "...", 3 least sampled, by (-rounds, id)
+    assert par[4].split() == ["client", "rounds", "samples", "labels", "median_train_loss"]
+    order = sorted(range(12), key=lambda i: (-counts[i], i))
+    table = par[5:]
+    assert len(table) == 7 and table[3].split() == ["...", "(6", "more", "clients)"]
+    for row, i in zip(table[:3] + table[4:], order[:3] + order[-3:]):
+        mine = c["train_loss"][c["client_id"] == i]
+        want = [str(i), str(counts[i]), str(sizes[i]), str(labels[i]),
+                f"{np.median(mine):.4f}" if mine.size else "-"]
+        assert row.split() == want
+
+    loss = _section(lines, "client train_loss per round")
+    assert "all rounds" in loss[0]
+    assert loss[1].split() == ["round", "clients", "min", "q25", "median", "q75", "max"]
+    assert len(loss) == 2 + ROUNDS
+    for row in loss[2:]:
+        r, n, *values = row.split()
+        want = per_round[int(r)]
+        assert int(n) == want[0]
+        assert values == [f"{v:.4f}" for v in want[1:]]
+
+
+def test_clients_defaults_and_without_pandas(runs, capsys, monkeypatch):
+    path = runs[("iid", 1)]
+    status, out, _ = call(capsys, "clients", path)
+    assert status == 0
+    lines = out.splitlines()
+    par = _section(lines, "participation:")
+    assert len(par) == 5 + 2 * report.CLIENTS_TOP + 1 and "(2 more clients)" in par[10]
+    assert len(_section(lines, "client train_loss per round")) == 2 + ROUNDS
+    monkeypatch.setattr(analysis, "_pandas", lambda: None)
+    status, again, _ = call(capsys, "clients", path)
+    assert status == 0 and again == out
+    status, out, _ = call(capsys, "clients", path, "--top", "0", "--every", "3")
+    lines = out.splitlines()
+    assert not any("most and least" in line for line in lines)
+    loss = _section(lines, "client train_loss per round")
+    assert "every 3rd round and the last" in loss[0]
+    assert [row.split()[0] for row in loss[2:]] == ["1", "4"]
+
+
+def test_loss_rows():
+    assert list(report.loss_rows(0)) == []
+    assert list(report.loss_rows(4)) == [0, 1, 2, 3]
+    assert list(report.loss_rows(30)) == [*range(0, 30, 2), 29]
+    assert len(report.loss_rows(1000)) <= report.LOSS_ROWS + 1
+    assert list(report.loss_rows(31, every=10)) == [0, 10, 20, 30]
+    assert list(report.loss_rows(32, every=10)) == [0, 10, 20, 30, 31]
+
+
+def test_clients_killed_and_empty_runs(runs, tmp_path, capsys):
+    killed = write_partial(runs[("iid", 0)], tmp_path / "killed.h5", rows=2)
+    status, out, err = call(capsys, "clients", killed)
+    assert status == 0 and err == ""
+    assert f"2/{ROUNDS} rounds" in out.splitlines()[0]
+    assert "participation: 8 client-rounds in 2 rounds" in out
+    empty = write_partial(runs[("iid", 0)], tmp_path / "empty.h5", rows=0)
+    status, out, err = call(capsys, "clients", empty)
+    assert status == 0 and err == ""
+    assert "participation: 0 client-rounds in 0 rounds" in out
+    assert "never sampled        12 clients" in out
+    assert out.rstrip().endswith("client train_loss per round: no rounds yet")
+    if _has_matplotlib():
+        status, out, err = call(capsys, "clients", empty, "--out", tmp_path / "e.png",
+                                "--dpi", "30")
+        assert status == 0 and "has no rounds yet" in err
+        assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_clients_figure(runs, tmp_path, capsys):
+    if not _has_matplotlib():
+        pytest.skip("matplotlib is not installed (pip install fedmpi[plot])")
+    import matplotlib.image
+
+    out = tmp_path / "fig" / "clients.png"  # directory created on demand
+    status, stdout, err = call(capsys, "clients", runs[("natural", 0)], "--out", out)
+    assert status == 0, err
+    assert err == ""
+    assert stdout.splitlines()[-1] == f"wrote {out}"
+    assert "participation:" in stdout  # the text comes too
+    assert out.stat().st_size > 1000
+    img = matplotlib.image.imread(str(out))
+    w, h = (round(v * report.DPI) for v in report.CLIENTS_FIGSIZE)
+    assert img.shape[:2] == (h, w)
+    assert img[..., :3].std() > 0.05  # not blank
+    notes = report.plot_clients(runs[("iid", 0)], str(tmp_path / "c.svg"), dpi=40,
+                                title="my title")
+    assert notes == []
+    svg = (tmp_path / "c.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "my title" in svg
+    report.plot_clients(analysis.load(runs[("iid", 1)]), str(tmp_path / "c.pdf"), dpi=40)
+    assert (tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
+    report.plot_clients(runs[("iid", 0)], str(tmp_path / "small.png"), dpi=50)
+    img = matplotlib.image.imread(str(tmp_path / "small.png"))
+    assert img.shape[:2] == (round(report.CLIENTS_FIGSIZE[1] * 50),
+                             round(report.CLIENTS_FIGSIZE[0] * 50))
+
+
+def test_clients_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+    status, out, err = call(capsys, "clients", runs[("iid", 0)], "--out", tmp_path / "a.png")
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and "pip install fedmpi[plot]" in err
+    # text alone needs no matplotlib
+    status, out, err = call(capsys, "clients", runs[("iid", 0)])
+    assert status == 0 and "participation:" in out
