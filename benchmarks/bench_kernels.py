@@ -1,0 +1,220 @@
+"""Single-thread local-training throughput: fedmpi's numba kernels vs plain NumPy.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--samples 6000] [--repeats 3]
+
+For the 784-200-200-10 MLP with plain SGD (softmax cross-entropy) this
+prints, all measured in the same run on one thread:
+- samples/s of kernels.train_local, one epoch over --samples samples, at
+  minibatch 10 and 50 (best of --repeats, after a warm-up call that compiles);
+- samples/s of a plain NumPy implementation of the same training loop
+  (float32, same maths, BLAS matrix products) and the ratio of the two; the
+  two are timed alternately, so a busy machine slows both alike;
+- the matrix-multiply peak of this machine (2048x2048 float32 np.dot, best of
+  --repeats) and the compute bound it implies for the dense network
+  (2 * (784*200 + 200*200 + 200*10) * 3 = 1.19 MFLOP per sample, forward
+  plus backward), and the fraction of it that the kernels reach. The kernels
+  skip zero inputs and ReLU outputs, so they do fewer FLOPs than that and the
+  fraction can in principle exceed 1.
+
+Uses Fashion-MNIST from /usr/share/datasets/fashion-mnist if present, otherwise
+random uint8 images with about half the pixels zero (and says so).
+"""
+
+from __future__ import annotations
+
+import os
+
+# one thread everywhere; must happen before numpy / numba are imported
+for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+SIZES = (784, 200, 200, 10)
+FLOP_PER_SAMPLE = 2 * sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:])) * 3
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+LR = 0.05
+
+
+def load_data(n: int, rng: np.random.Generator):
+    """(uint8 images (n, 784), int32 labels, description)."""
+    img_path = os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz")
+    lab_path = os.path.join(DATA_DIR, "train-labels-idx1-ubyte.gz")
+    if os.path.exists(img_path) and os.path.exists(lab_path):
+        with gzip.open(img_path) as f:
+            img = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, SIZES[0])
+        with gzip.open(lab_path) as f:
+            lab = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int32)
+        if img.shape[0] >= n:
+            return np.ascontiguousarray(img[:n]), lab[:n], f"Fashion-MNIST ({DATA_DIR}), first {n}"
+    img = rng.integers(1, 256, size=(n, SIZES[0]), dtype=np.uint8)
+    img[rng.random(img.shape) < 0.5] = 0
+    lab = rng.integers(0, SIZES[-1], size=n).astype(np.int32)
+    return img, lab, (f"RANDOM data ({n} samples, ~50% zero pixels): "
+                      f"Fashion-MNIST not found in {DATA_DIR}")
+
+
+def fedmpi_trainer(x, y, batch):
+    """A function (params, order) -> loss sum that runs kernels.train_local."""
+    from fedmpi.model import kernels as K
+    from fedmpi.model.mlp import MLP
+
+    model = MLP(SIZES)
+    sizes, woff, boff = model.sizes_array, model.weight_offsets, model.bias_offsets
+    ws = K.workspace(sizes)
+    grad = np.zeros(model.num_params, np.float32)
+    state = np.zeros(2 * model.num_params, np.float32)
+    empty = np.zeros(0, np.float32)
+    xscale = np.float32(1.0 / 255.0)
+
+    def run(params, o):
+        return K.train_local(params, sizes, woff, boff, x, xscale, y, o, 1, batch, K.LOSS_CE,
+                             K.OPT_SGD, LR, 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, empty, empty,
+                             grad, state, ws)[0]
+    return run
+
+
+def numpy_train(p, x, y, order, batch):
+    """The same training loop in plain NumPy: float32, BLAS products, in place on p."""
+    layers = []
+    pos = 0
+    for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
+        w = p[pos:pos + n_in * n_out].reshape(n_in, n_out)
+        pos += n_in * n_out
+        layers.append((w, p[pos:pos + n_out]))
+        pos += n_out
+    nl = len(layers)
+    lr = np.float32(LR)
+    scale = np.float32(1.0 / 255.0)
+    loss = 0.0
+    for s0 in range(0, order.size, batch):
+        rows = order[s0:s0 + batch]
+        nb = rows.size
+        acts = [x[rows].astype(np.float32) * scale]
+        for i, (w, b) in enumerate(layers):
+            z = acts[-1] @ w
+            z += b
+            if i < nl - 1:
+                np.maximum(z, 0.0, out=z)
+            acts.append(z)
+        out = acts[-1]
+        m = out.max(axis=1, keepdims=True)
+        e = np.exp(out - m)
+        s = e.sum(axis=1, keepdims=True)
+        t = y[rows]
+        loss += float(np.sum(np.log(s[:, 0]) + m[:, 0] - out[np.arange(nb), t]))
+        delta = e / s
+        delta[np.arange(nb), t] -= 1.0
+        delta *= np.float32(1.0 / nb)
+        for i in range(nl - 1, -1, -1):
+            w, b = layers[i]
+            gw = acts[i].T @ delta
+            gb = delta.sum(axis=0)
+            if i > 0:
+                delta = delta @ w.T
+                delta *= acts[i] > 0
+            w -= lr * gw
+            b -= lr * gb
+    return loss
+
+
+def bench_pair(p0, x, y, order, batch, repeats):
+    """Best-of-repeats samples/s and mean loss of (fedmpi, numpy), runs interleaved
+    so that both see the same machine load."""
+    trainers = [fedmpi_trainer(x, y, batch),
+                lambda p, o: numpy_train(p, x, y, o, batch)]
+    for train in trainers:  # warm-up: compile (or load numba's cache), touch memory
+        train(p0.copy(), order[:2 * batch])
+    best = [np.inf, np.inf]
+    loss = [np.nan, np.nan]
+    for _ in range(repeats):
+        for i, train in enumerate(trainers):
+            p = p0.copy()
+            t0 = time.perf_counter()
+            loss_sum = train(p, order)
+            best[i] = min(best[i], time.perf_counter() - t0)
+            loss[i] = loss_sum / order.size
+    return order.size / best[0], loss[0], order.size / best[1], loss[1]
+
+
+def matmul_peak(repeats, n=2048):
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    a @ b
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=6000, help="samples per epoch (default 6000)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs, best taken (default 3)")
+    args = ap.parse_args(argv)
+    if args.samples < 50 or args.repeats < 1:
+        ap.error("need --samples >= 50 and --repeats >= 1")
+
+    import numba
+
+    from fedmpi.model.mlp import MLP
+
+    print("fedmpi kernel benchmark: one thread, 784-200-200-10 MLP, plain SGD, cross-entropy")
+    print(f"  python {platform.python_version()}, numpy {np.__version__}, "
+          f"numba {numba.__version__}")
+    import llvmlite.binding as llvm
+
+    print(f"  cpu: {cpu_model()}; numba compiles for "
+          f"{numba.config.CPU_NAME or llvm.get_host_cpu_name()}")
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        busy = " -- machine busy, timings may be low" if load > 0.5 * (os.cpu_count() or 1) else ""
+        print(f"  load average {load:.2f} on {os.cpu_count()} CPUs{busy}")
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
+                "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_CPU_NAME"):
+        print(f"  {var}={os.environ.get(var, '(unset)')}")
+
+    rng = np.random.default_rng(0)
+    x, y, what = load_data(args.samples, rng)
+    print(f"  data: {what}")
+    nz = float(np.count_nonzero(x)) / x.size
+    print(f"  non-zero pixels: {nz:.1%}; epoch of {args.samples} samples, best of {args.repeats}")
+
+    p0 = MLP(SIZES).init(np.random.default_rng(1))
+    order = rng.permutation(args.samples).astype(np.int64)
+
+    peak = matmul_peak(args.repeats)
+    bound = peak / FLOP_PER_SAMPLE
+    print()
+    print(f"matmul peak (2048^2 float32 np.dot): {peak / 1e9:.1f} GFLOP/s -> compute bound "
+          f"{bound:,.0f} samples/s at {FLOP_PER_SAMPLE / 1e6:.2f} MFLOP/sample")
+    print()
+    print(f"{'batch':>5}  {'fedmpi/s':>10}  {'numpy/s':>10}  {'ratio':>6}  {'of bound':>8}  "
+          f"{'loss fedmpi':>11}  {'loss numpy':>10}")
+    for batch in (10, 50):
+        fs, fl, ns, nl = bench_pair(p0, x, y, order, batch, args.repeats)
+        print(f"{batch:>5}  {fs:>10,.0f}  {ns:>10,.0f}  {fs / ns:>5.2f}x  {fs / bound:>8.1%}  "
+              f"{fl:>11.5f}  {nl:>10.5f}")
+
+
+if __name__ == "__main__":
+    main()
