@@ -26,8 +26,8 @@ class LocalTrainer:
         self._woff = model.weight_offsets
         self._boff = model.bias_offsets
         self._ws = kernels.workspace(self._sizes)
-        self._grad = np.zeros(model.num_params, np.float32)
-        self._state = np.zeros(2 * model.num_params, np.float32)  # momentum or Adam m, v
+        self._grad = kernels.aligned_zeros(model.num_params)
+        self._state = kernels.aligned_zeros(2 * model.num_params)  # momentum or Adam m, v
         self._xscale = np.float32(data.x_scale)
         self._loss = kernels.LOSSES[cfg.loss]
         self._opt = kernels.OPTIMIZERS[cfg.optimizer]

@@ -239,7 +239,7 @@ def _vsum(typingctx, v):
 # Layer kernels
 # ----------------------------------------------------------------------------
 
-def _aligned_zeros(n, dtype=np.float32):
+def aligned_zeros(n, dtype=np.float32):
     """Zeros starting on a 64-byte (cache line) boundary."""
     itemsize = np.dtype(dtype).itemsize
     buf = np.zeros(n + 64 // itemsize, dtype)
@@ -267,8 +267,8 @@ def workspace(sizes: np.ndarray):
     """
     n_inputs = int(np.sum(sizes[:-1]))
     max_in = int(np.max(sizes[:-1]))
-    acts = _aligned_zeros(TILE * int(np.sum(sizes)))
-    deltas = _aligned_zeros(2 * TILE * int(_ld(int(np.max(sizes)))))
+    acts = aligned_zeros(TILE * int(np.sum(sizes)))
+    deltas = aligned_zeros(2 * TILE * int(_ld(int(np.max(sizes)))))
     nz_idx = np.zeros(TILE * n_inputs, np.int32)
     nz_val = np.zeros(TILE * n_inputs, np.float32)
     nz_ptr = np.zeros(n_inputs + len(sizes), np.int64)
