@@ -22,7 +22,8 @@ else:  # pragma: no cover
 
 DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
 PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet")
-ALGORITHMS = ("fedavg", "fedsgd")
+ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
+SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 INITS = ("glorot_uniform", "he_uniform")
@@ -57,7 +58,18 @@ class Config:
     rounds: int = field(default=50, metadata=_opt("number of communication rounds"))
     algorithm: str = field(default="fedavg", metadata=_opt("federated algorithm", ALGORITHMS))
     server_lr: float = field(default=1.0, metadata=_opt(
-        "server learning rate applied to the averaged update (1 = plain FedAvg)"))
+        "server learning rate applied to the averaged update (1 = plain FedAvg; "
+        "try 0.01-0.1 with adam/yogi)"))
+    server_optimizer: str = field(default="sgd", metadata=_opt(
+        "server step on the mean update: sgd (FedAvg), avgm (FedAvgM), adam (FedAdam), "
+        "yogi (FedYogi)", SERVER_OPTIMIZERS))
+    server_momentum: float = field(default=0.9, metadata=_opt("momentum of --server-optimizer avgm"))
+    server_beta1: float = field(default=0.9, metadata=_opt("beta1 of --server-optimizer adam/yogi"))
+    server_beta2: float = field(default=0.99, metadata=_opt("beta2 of --server-optimizer adam/yogi"))
+    server_tau: float = field(default=1e-3, metadata=_opt(
+        "adaptivity tau of --server-optimizer adam/yogi (Reddi et al. 2021)"))
+    prox_mu: float = field(default=0.01, metadata=_opt(
+        "proximal weight mu of --algorithm fedprox"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -191,10 +203,15 @@ def validate(cfg: Config) -> Config:
          "--resume auto needs --out PATH: the file to continue if it has a checkpoint")
     need(cfg.dataset in DATASETS[:-1] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4,
          f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist or npz:PATH")
-    for name in ("partition", "algorithm", "optimizer", "loss", "init"):
+    need(0 <= cfg.server_momentum < 1, f"--server-momentum must be in [0, 1) (got {cfg.server_momentum})")
+    need(0 <= cfg.server_beta1 < 1 and 0 <= cfg.server_beta2 < 1,
+         "--server-beta1 and --server-beta2 must be in [0, 1)")
+    need(cfg.server_tau > 0, f"--server-tau must be positive (got {cfg.server_tau})")
+    need(cfg.prox_mu >= 0, f"--prox-mu must be non-negative (got {cfg.prox_mu})")
+    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
-        need(value in choices, f"--{name} {value!r} is unknown: choose one of {', '.join(choices)}")
+        need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
     if cfg.algorithm == "fedsgd":
         need(cfg.optimizer == "sgd" and cfg.momentum == 0 and cfg.weight_decay == 0,
              "--algorithm fedsgd sends one plain gradient per client: use --optimizer sgd "

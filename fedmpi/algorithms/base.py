@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmpi.algorithms.server_opt import ServerOptimizer
 from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.model import kernels
@@ -27,14 +28,20 @@ class ClientResult:
 
 
 class FedAvg:
-    """Clients run E local epochs; the server adds the sample-weighted mean delta.
+    """Clients run E local epochs; the server steps along the sample-weighted mean delta.
 
-    w <- w + server_lr * sum_k (n_k / n) (w_k - w), server_lr = 1 being the paper's.
+    With the default server optimizer: w <- w + server_lr * sum_k (n_k / n) (w_k - w),
+    server_lr = 1 being the paper's; --server-optimizer avgm/adam/yogi give
+    FedAvgM, FedAdam and FedYogi (see server_opt.py).
     """
 
     def __init__(self, cfg: Config, model: MLP):
         self.cfg = cfg
         self.model = model
+        self.server_opt = ServerOptimizer(
+            cfg.server_optimizer, model.num_params, lr=cfg.server_lr,
+            momentum=cfg.server_momentum, beta1=cfg.server_beta1, beta2=cfg.server_beta2,
+            tau=cfg.server_tau)
         # trained in place: cache-line aligned, which the kernels run ~5% faster on
         self._local = kernels.aligned_zeros(model.num_params)
 
@@ -42,21 +49,25 @@ class FedAvg:
                       indices: np.ndarray, rng: np.random.Generator) -> ClientResult:
         local = self._local
         local[:] = global_params
-        loss, seen, _ = trainer.train(local, indices, rng)
+        loss, seen, _ = trainer.train(local, indices, rng, **self.local_objective(global_params))
         np.subtract(local, global_params, out=local)
         return ClientResult(local, loss, seen)
+
+    def local_objective(self, global_params: np.ndarray) -> dict:
+        """Extra terms of the client objective (keyword arguments of LocalTrainer.train)."""
+        return {}
 
     def weight(self, num_samples: int) -> float:
         return float(num_samples)
 
     def server_state(self) -> dict[str, np.ndarray]:
-        """Server-side state beyond the model, saved in checkpoints (none for FedAvg)."""
-        return {}
+        """Server-side state beyond the model, saved in checkpoints."""
+        return self.server_opt.state
 
     def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
-        pass
+        for name, a in self.server_opt.state.items():
+            a[...] = arrays[name]
 
     def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
         """New global params (float32) from the float64 weighted mean update."""
-        return (global_params.astype(np.float64)
-                + self.cfg.server_lr * mean_update).astype(np.float32)
+        return self.server_opt.step(global_params, mean_update)
