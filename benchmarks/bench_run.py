@@ -1,0 +1,445 @@
+#!/usr/bin/env python
+"""Whole-run benchmark: one FedAvg job with 1 process, 3 and 8 MPI ranks.
+
+The job is the FedAvg paper's Fashion-MNIST setting: 100 clients (iid
+partition), 10 per round, E=1, B=10, the 2NN (784-200-200-10), lr 0.05.
+Each rank count runs the very same job; the script then reports
+
+- seconds per round: the median of /rounds/seconds over every round but the
+  first (which pays for loading numba's cache, or compiling), and the median
+  time between rank 0's consecutive per-round stdout lines, which also covers
+  writing each round's results and checkpoint; plus the wall time of the
+  whole command (start-up included);
+- the speed-up over 1 process, and the product's two targets, measured in
+  this same invocation: 3 ranks >= 1.7x faster than 1 process, and 8 ranks
+  within 15% of 3 ranks (PASS/FAIL);
+- a calibration: two independent 1-process jobs side by side, i.e. the most
+  any parallel run can gain on this machine as it is right now;
+- the final test accuracy of each run and whether /model/params is bitwise
+  identical in all of them (it must be: aggregation is exact);
+- the simulator overhead: per round, /rounds/seconds versus the time spent in
+  local training (/clients/seconds summed over the round's clients; with
+  several ranks also the slowest rank's sum, the round's critical path), and
+  the CPU time all the job's processes spend per round, which other load on
+  the machine hardly changes;
+- how much CPU other processes used while each run was going: on a shared
+  machine that, not fedmpi, can decide PASS or FAIL (see --wait-quiet and
+  --nice).
+
+Runs are interleaved (1, 3, 8, 1, 3, 8, ...) when --repeat > 1 so slow drift
+in background load hits every rank count alike; per-round times of the
+repeats are pooled before taking the median.
+
+    python benchmarks/bench_run.py                   # 20 rounds, ranks 1,3,8, 3 repeats
+    python benchmarks/bench_run.py --rounds 50 --ranks 1,2,3,8 --repeat 1 --keep
+
+Needs mpiexec (the mpich wheel's, next to the venv's python, or on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+
+# The benchmarked job (every flag spelled out, so defaults may change freely).
+JOB = ["--dataset", "fashion-mnist", "--partition", "iid", "--clients", "100",
+       "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "10",
+       "--hidden", "200,200", "--lr", "0.05", "--algorithm", "fedavg", "--seed", "0",
+       "--eval-every", "1"]
+
+SPEEDUP_3_VS_1 = 1.7   # target: 3 ranks at least this much faster than 1 process
+SLOWDOWN_8_VS_3 = 1.15  # target: 8 ranks at most this much slower than 3 ranks
+BUSY_WARN = 0.25       # cores of foreign CPU use above which results are flagged
+
+
+def find_mpiexec() -> str:
+    here = os.path.dirname(sys.executable)
+    path = shutil.which("mpiexec", path=here + os.pathsep + os.environ.get("PATH", ""))
+    if path is None:
+        sys.exit("bench_run: mpiexec not found (install the mpich wheel into this venv)")
+    return path
+
+
+def cpu_busy_seconds() -> float:
+    """CPU-seconds all cores spent not idle since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+NICE = 0  # niceness increment for the benchmarked jobs (--nice)
+
+
+def _renice() -> None:
+    if NICE:
+        os.nice(NICE)
+
+
+def command(ranks: int, out: str, rounds: int, data_dir: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "fedmpi", *JOB, "--rounds", str(rounds),
+           "--out", out, "--overwrite"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    if ranks > 1:
+        cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
+    return cmd
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime of `root` and all its descendants (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
+        stats[int(name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += int(stats[pid][11]) + int(stats[pid][12])
+        todo.extend(children.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+ROUND_LINE = re.compile(r"^round\s+(\d+)/(\d+)\s")
+
+
+def run_job(ranks: int, out: str, rounds: int, data_dir: str | None, log: str) -> dict:
+    """Run one job; time it as a whole and time-stamp rank 0's per-round lines."""
+    cmd = command(ranks, out, rounds, data_dir)
+    busy0, ours0 = cpu_busy_seconds(), children_cpu_seconds()
+    stamps = {}  # round -> perf_counter when its line arrived
+    cpu_at = {}  # round -> CPU seconds of the job's processes when its line arrived
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, preexec_fn=_renice)
+        for line in proc.stdout:
+            now = time.perf_counter()
+            fh.write(line)
+            m = ROUND_LINE.match(line)
+            if m:
+                r = int(m.group(1))
+                stamps[r] = now
+                if r in (1, rounds):  # only twice: walking /proc costs a few ms
+                    cpu_at[r] = tree_cpu_seconds(proc.pid)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    busy, ours = cpu_busy_seconds() - busy0, children_cpu_seconds() - ours0
+    if rc != 0:
+        with open(log) as fh:
+            tail = fh.read()[-3000:]
+        sys.exit(f"bench_run: {' '.join(cmd)}\nexited with status {rc}:\n{tail}")
+    with open(log) as fh:
+        warnings = [line.strip() for line in fh if "Warning" in line or "error" in line]
+    # Wall time of round r >= 2 as seen from outside: from round r-1's line to
+    # round r's. Unlike /rounds/seconds it includes rank 0 writing round r's
+    # results (and checkpoint) to the HDF5 file.
+    intervals = np.array([stamps[r] - stamps[r - 1] for r in range(2, rounds + 1)
+                          if r in stamps and r - 1 in stamps])
+    # CPU time per round of all the job's processes, rounds 2..N: unlike wall
+    # times, hardly affected by other processes competing for the cores.
+    cpu_round = ((cpu_at[rounds] - cpu_at[1]) / (rounds - 1)
+                 if 1 in cpu_at and rounds in cpu_at else float("nan"))
+    return {"ranks": ranks, "wall": wall, "cpu": ours, "line_intervals": intervals,
+            "cpu_round": cpu_round,
+            "foreign_cores": max(busy - ours, 0.0) / wall, "warnings": warnings,
+            **read_results(out)}
+
+
+def read_results(path: str) -> dict:
+    with h5py.File(path, "r", locking=False) as f:
+        rounds = {k: f["rounds"][k][()] for k in ("round", "seconds", "test_accuracy")}
+        clients = {k: f["clients"][k][()] for k in ("round", "rank", "seconds")}
+        params = f["model/params"][()]
+        mpi_size = int(f.attrs.get("mpi_size", -1))
+    r = rounds["round"]
+    train_sum = np.array([clients["seconds"][clients["round"] == x].sum() for x in r])
+    crit = []
+    for x in r:
+        sel = clients["round"] == x
+        crit.append(max(clients["seconds"][sel & (clients["rank"] == k)].sum()
+                        for k in np.unique(clients["rank"][sel])))
+    return {"round_seconds": rounds["seconds"], "train_sum": train_sum,
+            "critical": np.array(crit), "accuracy": float(rounds["test_accuracy"][-1]),
+            "params": params, "mpi_size": mpi_size}
+
+
+def git_state() -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "fedmpi"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else " (clean)")
+
+
+def foreign_load(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes over the next `seconds` (we run nothing)."""
+    b0, o0 = cpu_busy_seconds(), children_cpu_seconds()
+    time.sleep(seconds)
+    return max(cpu_busy_seconds() - b0 - (children_cpu_seconds() - o0), 0.0) / seconds
+
+
+_quiet_budget = [0.0]  # seconds left for wait_quiet, over the whole benchmark
+
+
+def wait_quiet() -> None:
+    """Wait (within the budget of --wait-quiet) for a second in which others use < BUSY_WARN cores."""
+    while _quiet_budget[0] > 0:
+        t = time.perf_counter()
+        load = foreign_load(1.0)
+        _quiet_budget[0] -= time.perf_counter() - t
+        if load < BUSY_WARN:
+            return
+        if _quiet_budget[0] <= 0:
+            print(f"  (the --wait-quiet budget is used up: other processes use {load:.2f} cores; "
+                  "no more waiting)", flush=True)
+
+
+def run_pair(out_dir: str, rounds: int, data_dir: str | None) -> tuple[list[float], float]:
+    """Two independent 1-process jobs side by side: their median s/round, and foreign load."""
+    busy0, ours0 = cpu_busy_seconds(), children_cpu_seconds()
+    t0 = time.perf_counter()
+    procs, outs = [], []
+    for i in range(2):
+        out = os.path.join(out_dir, f"pair-{i}.h5")
+        log = open(os.path.join(out_dir, f"pair-{i}.log"), "w")
+        procs.append((subprocess.Popen(command(1, out, rounds, data_dir), stdout=log,
+                                       stderr=subprocess.STDOUT, preexec_fn=_renice), log))
+        outs.append(out)
+    for proc, log in procs:
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            sys.exit(f"bench_run: calibration job exited with status {rc}, see {log.name}")
+    wall = time.perf_counter() - t0
+    foreign = max(cpu_busy_seconds() - busy0 - (children_cpu_seconds() - ours0), 0.0) / wall
+    return [float(np.median(read_results(o)["round_seconds"][1:])) for o in outs], foreign
+
+
+def fmt_ratio(value: float, target: float, at_least: bool) -> str:
+    ok = value >= target if at_least else value <= target
+    return f"{value:.2f}x (target {'>=' if at_least else '<='} {target:.2f}x)  {'PASS' if ok else 'FAIL'}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=20, help="rounds per run (default 20)")
+    p.add_argument("--ranks", default="1,3,8",
+                   help="comma-separated rank counts; 1 = plain python (default 1,3,8)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per rank count, interleaved; round times are pooled (default 3)")
+    p.add_argument("--keep", action="store_true", help="keep the results files and logs")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files "
+                   "(default: fedmpi's search path, e.g. /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the calibration: two 1-process jobs side by side, which shows how "
+                   "much faster 2 processes can go than 1 on this machine at all")
+    p.add_argument("--wait-quiet", type=float, default=30, metavar="S",
+                   help="before each run wait for other processes to go quiet (< %.2f cores "
+                   "busy), spending at most S seconds on that in all (default 30; 0 = never wait)"
+                   % BUSY_WARN)
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="run the jobs with niceness N (e.g. -10, needs root): on a shared machine "
+                   "this keeps other jobs from taking the cores; the runs still report how much "
+                   "CPU others got (default 0)")
+    p.add_argument("--workdir", help="where to put results files (default: a temporary directory)")
+    args = p.parse_args()
+    ranks = [int(x) for x in args.ranks.split(",")]
+    global NICE
+    NICE = args.nice
+    _quiet_budget[0] = args.wait_quiet
+    if NICE < 0 and os.geteuid() != 0:
+        p.error(f"--nice {NICE} (higher priority) needs root")
+    if args.rounds < 2 or args.repeat < 1 or min(ranks) < 1:
+        p.error("need --rounds >= 2 (round 1 is excluded), --repeat >= 1, ranks >= 1")
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="fedmpi-bench-run-")
+    os.makedirs(workdir, exist_ok=True)
+    import numba  # noqa: E402 -- only for the version line
+    import mpi4py
+    print(f"fedmpi bench_run: {platform.node()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
+          f"mpi4py {mpi4py.__version__}")
+    print(f"code: git {git_state()}")
+    print(f"job: {' '.join(JOB)} --rounds {args.rounds}")
+    print(f"load average before: {open('/proc/loadavg').read().split()[:3]}; other processes "
+          f"busy now: {foreign_load(2.0):.2f} cores" + (f"; jobs run at nice {NICE}" if NICE else ""))
+
+    # Warm-up: numba's on-disk cache, the data files in the page cache.
+    t = time.perf_counter()
+    run_job(1, os.path.join(workdir, "warmup.h5"), 2, args.data_dir,
+            os.path.join(workdir, "warmup.log"))
+    print(f"warm-up run (1 process, 2 rounds): {time.perf_counter() - t:.1f} s")
+
+    pair = None
+    if not args.no_calibrate:
+        wait_quiet()
+        pair = run_pair(workdir, args.rounds, args.data_dir)
+        print(f"  calibration, two 1-process jobs side by side: median round "
+              f"{pair[0][0]:.3f} s and {pair[0][1]:.3f} s, other processes used "
+              f"{pair[1]:.2f} cores", flush=True)
+
+    runs: dict[int, list[dict]] = {k: [] for k in ranks}
+    for rep in range(args.repeat):
+        for k in ranks:
+            wait_quiet()
+            name = f"run-{k}ranks-{rep}"
+            res = run_job(k, os.path.join(workdir, name + ".h5"), args.rounds, args.data_dir,
+                          os.path.join(workdir, name + ".log"))
+            runs[k].append(res)
+            sec = res["round_seconds"][1:]
+            print(f"  {k} rank(s), repeat {rep + 1}/{args.repeat}: median round "
+                  f"{np.median(sec):.3f} s, total {res['wall']:.1f} s, other processes used "
+                  f"{res['foreign_cores']:.2f} cores", flush=True)
+
+    # Pooled statistics per rank count.
+    stats = {}
+    for k, rs in runs.items():
+        sec = np.concatenate([r["round_seconds"][1:] for r in rs])
+        lines = np.concatenate([r["line_intervals"] for r in rs])
+        stats[k] = {"median": float(np.median(sec)),
+                    "line": float(np.median(lines)) if lines.size else float("nan"),
+                    "rounds_sum": statistics.median(float(r["round_seconds"][1:].sum()) for r in rs),
+                    "wall": statistics.median(r["wall"] for r in rs),
+                    "round1": statistics.median(float(r["round_seconds"][0]) for r in rs),
+                    "outside": statistics.median(r["wall"] - float(r["round_seconds"].sum())
+                                                 for r in rs),
+                    "cpu": statistics.median(r["cpu"] for r in rs),
+                    "cpu_round": statistics.median(r["cpu_round"] for r in rs),
+                    "foreign": max(r["foreign_cores"] for r in rs),
+                    "acc": sorted({r["accuracy"] for r in rs})}
+    base = stats.get(1)
+
+    print()
+    print(f"Rounds 2..{args.rounds} ({args.rounds - 1} per run, {args.repeat} run(s) pooled per "
+          "rank count); times are medians")
+    print(f"{'ranks':>5} {'s/round':>8} {'speed-up':>8} {'wall/round':>10} {'speed-up':>8} "
+          f"{'rounds 2..N':>11} {'round 1':>8} {'total':>7} {'outside':>7} {'CPU s':>6} "
+          f"{'final acc':>9} {'other load':>10}")
+    for k in ranks:
+        s = stats[k]
+        speed = f"{base['median'] / s['median']:.2f}x" if base else "n/a"
+        speed_l = f"{base['line'] / s['line']:.2f}x" if base else "n/a"
+        acc = "/".join(f"{a:.4f}" for a in s["acc"])
+        print(f"{k:>5} {s['median']:>8.3f} {speed:>8} {s['line']:>10.3f} {speed_l:>8} "
+              f"{s['rounds_sum']:>10.2f}s {s['round1']:>7.2f}s {s['wall']:>6.1f}s "
+              f"{s['outside']:>6.1f}s {s['cpu']:>6.1f} {acc:>9} {s['foreign']:>8.2f} c")
+    print("""  s/round     /rounds/seconds (rank 0, from the round's start to the end of its evaluation)
+  wall/round  time between rank 0's consecutive per-round lines on stdout, so it also
+              includes writing the round's results and checkpoint to the HDF5 file
+  speed-up    1 process's time over K ranks' time, for the column to its left
+  rounds 2..N sum of /rounds/seconds; round 1 = numba cache load (or compile), excluded
+  total       wall time of the whole command; outside = total - sum of all /rounds/seconds
+              (start-up, data loading, results writing, shut-down)
+  CPU s       CPU time of all the job's processes; other load = cores busy with OTHER
+              processes during the run (max over repeats): should be ~0 on a quiet machine""")
+
+    print()
+    print("Targets (same invocation; primary: s/round from /rounds/seconds):")
+    for key, label in (("median", "s/round   "), ("line", "wall/round")):
+        if 1 in stats and 3 in stats:
+            print(f"  [{label}] 3 ranks vs 1 process: "
+                  f"{fmt_ratio(stats[1][key] / stats[3][key], SPEEDUP_3_VS_1, True)}")
+        else:
+            print(f"  [{label}] 3 ranks vs 1 process: n/a (needs --ranks with 1 and 3)")
+        if 3 in stats and 8 in stats:
+            print(f"  [{label}] 8 ranks vs 3 ranks:   "
+                  f"{fmt_ratio(stats[8][key] / stats[3][key], SLOWDOWN_8_VS_3, False)}"
+                  "  (time of 8 over time of 3)")
+        else:
+            print(f"  [{label}] 8 ranks vs 3 ranks:   n/a (needs --ranks with 3 and 8)")
+    if pair is not None and base is not None:
+        cap = 2 * base["median"] / float(np.mean(pair[0]))
+        print(f"  calibration: 2 independent 1-process jobs side by side deliver {cap:.2f}x the "
+              f"throughput of one (median s/round {np.mean(pair[0]):.3f} vs {base['median']:.3f} "
+              f"alone):\n  no rank count can beat that speed-up on this machine"
+              + (f" (the 3-rank target, {SPEEDUP_3_VS_1}x, is out of reach here)"
+                 if cap < SPEEDUP_3_VS_1 else ""))
+    noisy = [k for k in ranks if stats[k]["foreign"] > BUSY_WARN]
+    if noisy:
+        print(f"  WARNING: other processes used > {BUSY_WARN} cores during the runs with "
+              f"{noisy} rank(s): the machine was not quiet, so these timings are not fedmpi's alone")
+
+    all_runs = [r for k in ranks for r in runs[k]]
+    ref = all_runs[0]["params"]
+    same = all(r["params"].shape == ref.shape and r["params"].tobytes() == ref.tobytes()
+               for r in all_runs)
+    print()
+    print(f"/model/params bitwise identical in all {len(all_runs)} runs: {'yes' if same else 'no'}")
+    if not same:
+        for r in all_runs:
+            d = np.max(np.abs(r["params"].astype(np.float64) - ref)) if r["params"].shape == ref.shape else "shape"
+            print(f"  {r['ranks']} ranks: max |diff| vs first run = {d}")
+    warns = sorted({w for r in all_runs for w in r["warnings"]})
+    if warns:
+        print("warnings printed by the runs:")
+        for w in warns[:10]:
+            print(f"  {w}")
+
+    print()
+    print("Simulator overhead and CPU cost, rounds 2..N (medians over rounds):")
+    print(f"{'ranks':>5} {'round s':>8} {'training s':>10} {'overhead':>9} {'critical s':>10} "
+          f"{'overhead':>9} {'CPU ms/round':>12} {'vs 1 proc':>9}")
+    for k in ranks:
+        rs = runs[k]
+        rnd = np.concatenate([r["round_seconds"][1:] for r in rs])
+        trn = np.concatenate([r["train_sum"][1:] for r in rs])
+        crit = np.concatenate([r["critical"][1:] for r in rs])
+        cpu = stats[k]["cpu_round"]
+        rel = f"{cpu / base['cpu_round']:.2f}x" if base else "n/a"
+        print(f"{k:>5} {np.median(rnd):>8.4f} {np.median(trn):>10.4f} "
+              f"{100 * np.median((rnd - trn) / rnd):>8.1f}% {np.median(crit):>10.4f} "
+              f"{100 * np.median((rnd - crit) / rnd):>8.1f}% {1000 * cpu:>12.1f} {rel:>9}")
+    print("""  round s     /rounds/seconds
+  training s  local training in the round: /clients/seconds summed over its clients
+  overhead    (round - training) / round: for 1 process the simulator's overhead (client
+              sampling, aggregation, server step, evaluation of the global model on the
+              test set, bookkeeping); negative with several ranks (clients train in parallel)
+  critical s  the slowest rank's training sum, the round's critical path; the overhead
+              next to it is (round - critical) / round: waiting, communication, evaluation
+  CPU ms/round CPU time of all the job's processes per round (rank 0's round lines 1..N;
+              includes results writing). Barely affected by other load, so it shows the
+              cost of more ranks even on a busy machine: on C idle cores a round can't take
+              less than CPU/round / C""")
+
+    if args.keep:
+        print(f"\nresults files and logs kept in {workdir}")
+    elif not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
