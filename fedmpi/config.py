@@ -252,16 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_toml(path: str) -> dict:
+def read_toml(path: str, what: str = "config file") -> dict:
+    """A TOML file's contents, or UserError saying what is wrong with the file."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory: give a .toml file") from None
     except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        raise UserError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def load_toml(path: str) -> dict:
+    data = read_toml(path)
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedmpi import analysis
+from fedmpi.cli import run_tool
 from fedmpi.errors import UserError
 from fedmpi.results import ROUND_FIELDS
 
@@ -796,22 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedmpi-report``: returns the exit status (0, or 2 on bad input)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except UserError as e:
-        message = " ".join(str(e).splitlines())
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # Reader went away (| head): stop quietly, and keep Python's exit-time
-        # flush of stdout from failing again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    return run_tool(PROG, build_parser, argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from fedmpi.config import FIELDS, Config, from_dict, tomllib
+from fedmpi.cli import run_tool
+from fedmpi.config import FIELDS, Config, from_dict, read_toml
 from fedmpi.errors import UserError
 
 PROG = "fedmpi-sweep"
@@ -142,18 +143,7 @@ def parse_grid(data: dict, path: str = "<grid>") -> Grid:
 
 
 def load_grid(path: str) -> Grid:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"grid file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"grid file {path} is a directory: give a .toml file") from None
-    except OSError as e:
-        raise UserError(f"cannot read grid file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"grid file {path} is not valid TOML: {e}") from None
-    return parse_grid(data, path)
+    return parse_grid(read_toml(path, "grid file"), path)
 
 
 # -- tasks ---------------------------------------------------------------------
@@ -396,18 +386,7 @@ def _cmd_submit(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fedmpi.sweep``: the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except UserError as e:
-        message = " ".join(str(e).splitlines())
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        return 2
-    except BrokenPipeError:  # reader went away (| head)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    return run_tool(PROG, build_parser, argv)
 
 
 if __name__ == "__main__":
