@@ -243,7 +243,11 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     first = comm.bcast(first, root=0)
     if first > 1:
         C.bcast(comm, params)  # the checkpoint's model, read by rank 0
+    t_warm = time.perf_counter()
     _warm_up(comm, algo, trainer, params, part.indices(0))
+    if root and time.perf_counter() - t_warm > 2.0:
+        print(f"compiled the numba kernels in {time.perf_counter() - t_warm:.0f} s "
+              "(cached for later runs)", flush=True)
     progress = Progress(cfg.rounds, first) if root else None
     finished = False
     try:
