@@ -125,13 +125,16 @@ class Run:
 
         Raises UserError if rounds exist but this dataset doesn't.
         """
-        if name in self._rounds:
-            return self._rounds[name]
-        if not self._rounds:
+        return self._column("rounds", self._rounds, name)
+
+    def _column(self, group: str, table: dict, name: str) -> np.ndarray:
+        if name in table:
+            return table[name]
+        if not table:
             return np.empty(0)
         raise UserError(
-            f"{self.path} has no /rounds/{name} dataset (it has: "
-            f"{', '.join(self._rounds)}); not a complete fedmpi results file?")
+            f"{self.path} has no /{group}/{name} dataset (it has: "
+            f"{', '.join(table)}); not a complete fedmpi results file?")
 
     def has_metric(self, name: str) -> bool:
         return name in self._rounds
@@ -156,13 +159,7 @@ class Run:
 
         Raises UserError if client rows exist but this dataset doesn't.
         """
-        if name in self._clients:
-            return self._clients[name]
-        if not self._clients:
-            return np.empty(0)
-        raise UserError(
-            f"{self.path} has no /clients/{name} dataset (it has: "
-            f"{', '.join(self._clients)}); not a complete fedmpi results file?")
+        return self._column("clients", self._clients, name)
 
     @property
     def num_clients(self) -> int:
