@@ -97,6 +97,21 @@ def test_bitwise_identical_for_1_3_5_ranks(job, name):
 
 
 @pytest.mark.parametrize("name", ["synthetic-fedavg", "npz-dirichlet-fedavg"])
+def test_bitwise_identical_across_simulated_nodes(job, run_fedmpi, tmp_path, small_npz, name):
+    """5 ranks cut into 'nodes' of 2, 2 and 1 ranks: data loaded by each node's leader, sums
+    and broadcasts going through node shared memory and then between the leaders."""
+    out = tmp_path / "nodes.h5"
+    args = [a.format(npz=small_npz) for a in CONFIGS[name]]
+    res = run_fedmpi(args + ["--seed", "0", "--out", str(out)], ranks=5,
+                     env={"FEDMPI_RANKS_PER_NODE": "2"})
+    assert res.returncode == 0, describe(res)
+    ref, run = read_run(str(job(name, 1))), read_run(str(out))
+    np.testing.assert_array_equal(bits(run["params"]), bits(ref["params"]))
+    for metric in ("test_accuracy", "test_loss", "train_loss"):
+        np.testing.assert_array_equal(run["rounds"][metric], ref["rounds"][metric])
+
+
+@pytest.mark.parametrize("name", ["synthetic-fedavg", "npz-dirichlet-fedavg"])
 def test_other_seed_gives_other_params(job, name):
     a = read_run(str(job(name, 1, seed=0)))["params"]
     b = read_run(str(job(name, 1, seed=1)))["params"]

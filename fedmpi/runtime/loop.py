@@ -87,7 +87,7 @@ def _plan_output(cfg: Config):
 
 def _load_shared(cfg: Config, comm: MPI.Comm):
     """The data set, read or generated once per node and shared by its ranks."""
-    node_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    node_rank = C.node_comm(comm)
     leader = node_rank.rank == 0
     node_rank.Free()
     ds, error = None, None
@@ -128,7 +128,7 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
     throwaway copy on two samples and draw from their own generator, so the
     run's results are untouched.
     """
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    node = C.node_comm(comm)
     try:
         for turn in (True, False):
             if (node.rank == 0) == turn:
@@ -219,6 +219,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     trainer = LocalTrainer(cfg, model, data)
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
     nbytes = model.num_params * 4  # one float32 model or update
+    shared = C.NodeShared(comm, model.num_params)
 
     writer, first, error = None, 1, None
     if root:
@@ -289,14 +290,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             for i, c in enumerate(mine.tolist()):
                 aggregate.accumulate(acc, updates[i], weight_of[c], scale)
             total = np.zeros_like(acc) if root else None
-            C.reduce_sum(comm, acc, total)
+            shared.sum_to_root(acc, total)
             all_stats = np.zeros_like(stats) if root else None
             C.reduce_sum(comm, stats, all_stats)
 
             # 4. server step and broadcast
             if root:
                 params = algo.server_step(params, aggregate.to_float(total, scale))
-            C.bcast(comm, params)
+            shared.bcast_from_root(params)
 
             # 5. evaluation and results
             test_acc = test_loss = float("nan")
@@ -327,6 +328,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         writer.flush()
                 progress.round_done(rnd, test_acc, test_loss, train_loss, seconds)
         finished = True
+        shared.free()  # collective: only on the way out that every rank takes
     finally:
         if writer is not None:
             if progress.tty and not finished:
