@@ -143,9 +143,12 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
         node.Free()
 
 
-def _print_config(cfg: Config, data: Dataset, model: MLP, size: int) -> None:
+def _print_config(cfg: Config, data: Dataset, model: MLP, size: int, where: list[str]) -> None:
     print(f"fedmpi {fedmpi.__version__}: {size} MPI rank(s), "
           f"{'rank 0 aggregates, ' + str(size - 1) + ' host clients' if size > 1 else 'one process'}")
+    if size > 1:
+        # MPI's own message when a process dies names its PID: this maps it to the rank
+        print("ranks (rank:pid@host): " + " ".join(f"{r}:{w}" for r, w in enumerate(where)))
     print(f"data {data.name}: {data.x_train.shape[0]} train / {data.x_test.shape[0]} test samples, "
           f"{data.num_features} features, {data.num_classes} classes; "
           f"model {'-'.join(map(str, model.sizes))} ({model.num_params} parameters)")
@@ -221,9 +224,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
 
+    where = comm.gather(f"{os.getpid()}@{MPI.Get_processor_name()}", root=0)
     writer, first, error = None, 1, None
     if root:
-        _print_config(cfg, data, model, size)
+        _print_config(cfg, data, model, size, where)
         try:  # the path was checked, but creating the file can still fail (disk, name, race)
             if ckpt is not None:
                 writer, done, arrays = ResultsWriter.reopen(cfg.out)
@@ -234,7 +238,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             else:
                 writer = ResultsWriter(
                     cfg.out, overwrite=replace, config=cfg.to_dict(),
-                    attrs={"mpi_size": size, "command": shlex.join(
+                    attrs={"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
                         [sys.executable, "-m", "fedmpi", *(argv or [])])},
                     layer_sizes=list(model.sizes), partition_sizes=sizes,
                     label_histogram=part.label_histogram(data.y_train, data.num_classes))
