@@ -397,16 +397,15 @@ def summarize(runs, target: float | None = None) -> list[dict]:
     are those that differ between the runs (IGNORED_KEYS left out); target
     is a test accuracy in [0, 1] for rounds_to_target / seconds_to_target.
     """
-    target = check_target(target)
     runs = load_runs(runs)
-    keys = differing_keys([r.config for r in runs])
-    rows = []
-    for run in runs:
-        row = {"path": run.path}
-        row.update({k: run.config.get(k) for k in keys})
-        row.update(run.summary(target))
-        rows.append(row)
-    return rows
+    return _rows(runs, differing_keys([r.config for r in runs]), target)
+
+
+def _rows(runs: list, keys: list[str], target) -> list[dict]:
+    """One dict per run: path, the given config keys, then SUMMARY_COLUMNS."""
+    target = check_target(target)
+    return [{"path": run.path, **{k: run.config.get(k) for k in keys}, **run.summary(target)}
+            for run in runs]
 
 
 def load_many(paths_or_glob, target: float | None = None):
@@ -414,15 +413,9 @@ def load_many(paths_or_glob, target: float | None = None):
 
     Returns a pandas DataFrame, or a list of dicts without pandas.
     """
-    target = check_target(target)
     runs = load_runs(paths_or_glob)
     keys = _key_order(set().union(*(r.config for r in runs)))
-    rows = []
-    for run in runs:
-        row = {"path": run.path}
-        row.update({k: run.config.get(k) for k in keys})
-        row.update(run.summary(target))
-        rows.append(row)
+    rows = _rows(runs, keys, target)
     pd = _pandas()
     if pd is None:
         return rows
