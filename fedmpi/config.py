@@ -24,6 +24,7 @@ DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
 PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet")
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
+AGGREGATORS = ("mean", "median", "trimmed_mean")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 INITS = ("glorot_uniform", "he_uniform")
@@ -68,6 +69,11 @@ class Config:
     server_beta2: float = field(default=0.99, metadata=_opt("beta2 of --server-optimizer adam/yogi"))
     server_tau: float = field(default=1e-3, metadata=_opt(
         "adaptivity tau of --server-optimizer adam/yogi (Reddi et al. 2021)"))
+    aggregator: str = field(default="mean", metadata=_opt(
+        "how the server combines the updates: mean (sample-weighted), or the Byzantine-robust "
+        "coordinate-wise median or trimmed_mean (Yin et al. 2018)", AGGREGATORS))
+    trim: float = field(default=0.1, metadata=_opt(
+        "fraction of updates dropped from each side per coordinate by --aggregator trimmed_mean"))
     prox_mu: float = field(default=0.01, metadata=_opt(
         "proximal weight mu of --algorithm fedprox"))
     # local training
@@ -208,7 +214,11 @@ def validate(cfg: Config) -> Config:
          "--server-beta1 and --server-beta2 must be in [0, 1)")
     need(cfg.server_tau > 0, f"--server-tau must be positive (got {cfg.server_tau})")
     need(cfg.prox_mu >= 0, f"--prox-mu must be non-negative (got {cfg.prox_mu})")
-    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer"):
+    need(0 <= cfg.trim < 0.5, f"--trim must be in [0, 0.5) (got {cfg.trim})")
+    need(cfg.aggregator != "trimmed_mean" or 2 * int(cfg.trim * cfg.clients_per_round)
+         < cfg.clients_per_round, "--trim removes every update of a round: lower --trim "
+         "or raise --clients-per-round")
+    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer", "aggregator"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")

@@ -1,5 +1,6 @@
 """FedProx and the server optimizers against the papers' update rules, written out here."""
 
+import json
 import subprocess
 import sys
 
@@ -105,3 +106,54 @@ def test_server_state_survives_resume(tmp_path):
     with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
         assert np.array_equal(a["model/params"][:], b["model/params"][:])
         assert "server_m" in b["checkpoint/slot0"] and "server_v" in b["checkpoint/slot0"]
+
+
+# ---- robust aggregation (Yin et al. 2018) ----------------------------------------
+
+from fedmpi.algorithms import robust  # noqa: E402
+
+
+@pytest.mark.parametrize("k", [5, 6])
+def test_coordinate_median_against_sorting(k):
+    u = np.random.default_rng(k).normal(size=(k, 40)).astype(np.float32)
+    s = np.sort(u.astype(np.float64), axis=0)
+    expected = s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
+    np.testing.assert_array_equal(robust.coordinate_median(u), expected)
+
+
+@pytest.mark.parametrize("k, trim", [(10, 0.1), (10, 0.25), (7, 0.3), (4, 0.0)])
+def test_trimmed_mean_against_scipy(k, trim):
+    from scipy.stats import trim_mean
+
+    u = np.random.default_rng(k).normal(size=(k, 40)).astype(np.float32)
+    np.testing.assert_allclose(robust.trimmed_mean(u, trim),
+                               trim_mean(u.astype(np.float64), trim, axis=0), rtol=1e-12)
+
+
+def test_robust_combiners_ignore_a_byzantine_client_and_the_order():
+    rng = np.random.default_rng(3)
+    u = rng.normal(scale=0.01, size=(9, 30)).astype(np.float32)
+    u[4] = 1e6  # one attacker
+    for combine in (robust.coordinate_median, lambda x: robust.trimmed_mean(x, 0.2)):
+        out = combine(u)
+        assert np.abs(out).max() < 0.05
+        assert np.array_equal(out, combine(u[rng.permutation(9)]))
+    assert np.abs(u.astype(np.float64).mean(axis=0)).min() > 1e5  # the plain mean is ruined
+
+
+def test_robust_aggregation_is_bitwise_identical_across_ranks(tmp_path):
+    import os
+    import shutil
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    base = ["-m", "fedmpi", "--clients", "12", "--clients-per-round", "5", "--rounds", "3",
+            "--hidden", "8", "--aggregator", "median"]
+    subprocess.run([sys.executable, *base, "--out", str(tmp_path / "1.h5")], check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([mpiexec, "-n", "4", sys.executable, *base, "--out", str(tmp_path / "4.h5")],
+                   check=True, capture_output=True, timeout=120)
+    with h5py.File(tmp_path / "1.h5") as a, h5py.File(tmp_path / "4.h5") as b:
+        assert np.array_equal(a["model/params"][:], b["model/params"][:])
+        assert json.loads(a.attrs["config"])["aggregator"] == "median"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmpi.algorithms import robust
 from fedmpi.algorithms.server_opt import ServerOptimizer
 from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
@@ -56,6 +57,17 @@ class FedAvg:
     def local_objective(self, global_params: np.ndarray) -> dict:
         """Extra terms of the client objective (keyword arguments of LocalTrainer.train)."""
         return {}
+
+    @property
+    def needs_each_update(self) -> bool:
+        """True if the server step needs every client's update, not just their sum."""
+        return self.cfg.aggregator != "mean"
+
+    def combine(self, updates: np.ndarray) -> np.ndarray:
+        """The round's update from all clients' updates ((K, P), in client-id order)."""
+        if self.cfg.aggregator == "median":
+            return robust.coordinate_median(updates)
+        return robust.trimmed_mean(updates, self.cfg.trim)
 
     def weight(self, num_samples: int) -> float:
         return float(num_samples)

@@ -48,6 +48,21 @@ def reduce_sum(comm: MPI.Comm, send: np.ndarray, recv: np.ndarray | None, root: 
     wait(comm.Ireduce(send, recv, op=MPI.SUM, root=root), cap)
 
 
+def gather_rows(comm: MPI.Comm, rows: np.ndarray, counts: list[int]) -> np.ndarray | None:
+    """Every rank's float32 rows stacked on rank 0 in rank order (Gatherv); None elsewhere.
+
+    counts[r] is how many rows rank r sends, known to every rank.
+    """
+    width = rows.shape[1]
+    recv = None
+    if comm.rank == 0:
+        out = np.empty((sum(counts), width), np.float32)
+        sizes = [c * width for c in counts]
+        recv = [out, (sizes, np.cumsum([0] + sizes[:-1]).tolist()), MPI.FLOAT]
+    wait(comm.Igatherv([rows, MPI.FLOAT], recv, root=0), SHORT)
+    return out if comm.rank == 0 else None
+
+
 def allreduce_max(comm: MPI.Comm, value: float) -> float:
     buf = np.array([value], np.float64)
     wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX))

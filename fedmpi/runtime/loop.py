@@ -283,24 +283,34 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 row = np.searchsorted(clients, c)
                 stats[row] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
 
-            # 3. exact aggregation
+            # 3. exact aggregation (the bound also catches a diverged client)
             bound = C.allreduce_max(comm, bound)
             try:
                 scale = aggregate.scale_for(bound)
             except FloatingPointError:
                 raise UserError(f"training diverged in round {rnd}: a client's update is not "
                                 "finite; lower --lr (or --server-lr)") from None
-            acc = np.zeros(model.num_params, np.int64)
-            for i, c in enumerate(mine.tolist()):
-                aggregate.accumulate(acc, updates[i], weight_of[c], scale)
-            total = np.zeros_like(acc) if root else None
-            shared.sum_to_root(acc, total)
+            if algo.needs_each_update:
+                # robust combiners need every update: gather them, in client-id order
+                by_rank = [plan[workers.index(r)] if r in workers else [] for r in range(size)]
+                stacked = C.gather_rows(comm, updates, [len(p) for p in by_rank])
+                if root:
+                    order = np.argsort(np.concatenate(by_rank))
+                    mean_update = algo.combine(stacked[order])
+            else:
+                acc = np.zeros(model.num_params, np.int64)
+                for i, c in enumerate(mine.tolist()):
+                    aggregate.accumulate(acc, updates[i], weight_of[c], scale)
+                total = np.zeros_like(acc) if root else None
+                shared.sum_to_root(acc, total)
+                if root:
+                    mean_update = aggregate.to_float(total, scale)
             all_stats = np.zeros_like(stats) if root else None
             C.reduce_sum(comm, stats, all_stats)
 
             # 4. server step and broadcast
             if root:
-                params = algo.server_step(params, aggregate.to_float(total, scale))
+                params = algo.server_step(params, mean_update)
             shared.bcast_from_root(params)
 
             # 5. evaluation and results
