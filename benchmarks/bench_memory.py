@@ -43,6 +43,8 @@ import tempfile
 import threading
 import time
 
+from common import find_mpiexec  # benchmarks/common.py (scripts run from benchmarks/)
+
 JOB = ["--dataset", "fashion-mnist", "--partition", "iid", "--clients", "100",
        "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "10",
        "--hidden", "200,200", "--lr", "0.05", "--algorithm", "fedavg", "--seed", "0"]
@@ -76,14 +78,6 @@ t.evaluate(params, 0, 20)
 print("ready", flush=True)
 time.sleep(float(sys.argv[1]))
 """
-
-
-def find_mpiexec() -> str:
-    here = os.path.dirname(sys.executable)
-    path = shutil.which("mpiexec", path=here + os.pathsep + os.environ.get("PATH", ""))
-    if path is None:
-        sys.exit("bench_memory: mpiexec not found (install the mpich wheel into this venv)")
-    return path
 
 
 def _read(path: str) -> str | None:
@@ -204,7 +198,7 @@ def run_job(ranks: int, rounds: int, data_dir: str | None, workdir: str, interva
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if ranks > 1:
-        cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
+        cmd = [find_mpiexec("bench_memory"), "-n", str(ranks), *cmd]
     log = os.path.join(workdir, f"mem-{ranks}.log")
     t0 = time.perf_counter()
     with open(log, "w") as fh:

@@ -53,6 +53,8 @@ import time
 import h5py
 import numpy as np
 
+from common import find_mpiexec  # benchmarks/common.py (scripts run from benchmarks/)
+
 # The benchmarked job (every flag spelled out, so defaults may change freely).
 JOB = ["--dataset", "fashion-mnist", "--partition", "iid", "--clients", "100",
        "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "10",
@@ -62,14 +64,6 @@ JOB = ["--dataset", "fashion-mnist", "--partition", "iid", "--clients", "100",
 SPEEDUP_3_VS_1 = 1.7   # target: 3 ranks at least this much faster than 1 process
 SLOWDOWN_8_VS_3 = 1.15  # target: 8 ranks at most this much slower than 3 ranks
 BUSY_WARN = 0.25       # cores of foreign CPU use above which results are flagged
-
-
-def find_mpiexec() -> str:
-    here = os.path.dirname(sys.executable)
-    path = shutil.which("mpiexec", path=here + os.pathsep + os.environ.get("PATH", ""))
-    if path is None:
-        sys.exit("bench_run: mpiexec not found (install the mpich wheel into this venv)")
-    return path
 
 
 def cpu_busy_seconds() -> float:
@@ -99,7 +93,7 @@ def command(ranks: int, out: str, rounds: int, data_dir: str | None) -> list[str
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if ranks > 1:
-        cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
+        cmd = [find_mpiexec("bench_run"), "-n", str(ranks), *cmd]
     return cmd
 
 
