@@ -14,6 +14,9 @@ PURPOSES = {
     "init": 1,  # global model initialisation
     "sample": 2,  # which clients take part in a round
     "shuffle": 3,  # a client's minibatch order
+    "dp-noise": 4,  # Gaussian noise added to a round's sum of clipped updates (rank 0)
+    "dp-clip-count": 5,  # noise on the count of unclipped clients (adaptive clipping)
+    "dropout": 6,  # which sampled clients fail to report in a round
 }
 
 

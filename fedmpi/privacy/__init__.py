@@ -1,0 +1,1 @@
+"""Privacy: differential privacy of the aggregate (clipping, noise, accounting)."""
