@@ -424,6 +424,14 @@ class ResultsWriter:
                 if name != "round":
                     group[name].dims[0].attach_scale(scale)
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Set root attributes measured during the run (e.g. a final estimate)."""
+        self._check_open()
+        for key, value in attrs.items():
+            if key in _RESERVED_ROOT_ATTRS:
+                raise ValueError(f"attribute {key!r} is reserved")
+            self._file.attrs[key] = value
+
     def write_params(self, name: str, params: np.ndarray) -> None:
         """Store a flat parameter vector as /model/<name> (float32)."""
         self._check_open()

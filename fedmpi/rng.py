@@ -17,6 +17,8 @@ PURPOSES = {
     "dp-noise": 4,  # Gaussian noise added to a round's sum of clipped updates (rank 0)
     "dp-clip-count": 5,  # noise on the count of unclipped clients (adaptive clipping)
     "dropout": 6,  # which sampled clients fail to report in a round
+    "canary": 7,  # which canary clients take part in a round (empirical privacy)
+    "canary-direction": 8,  # a canary's random unit update
 }
 
 
