@@ -171,6 +171,7 @@ class GaussianDP(Stage):
             fraction = below / self.expected + 0.5
             self._clip[0] = bound * math.exp(-self.clip_lr * (fraction - self.quantile))
         n = clipped.shape[0]
+        self.accountant.prefetch(ctx.rnd, self._cfg.rounds)  # once; later rounds come ready
         ctx.metrics.update({
             "epsilon": self.accountant.epsilon(ctx.rnd),
             "dp_clip_norm": bound,
