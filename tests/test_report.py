@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 
 from fedmpi import analysis, report
+from fedmpi.report import clients as report_clients
+from fedmpi.report import plot as report_plot
+from fedmpi.report._figure import DPI
 from fedmpi.errors import UserError
 from fedmpi.results import ResultsWriter, read_run
 
@@ -424,7 +427,7 @@ def test_plot_png(runs, run_dir, tmp_path, capsys):
     assert err == ""
     assert out.stat().st_size > 1000
     img = matplotlib.image.imread(str(out))
-    h, w = round(report.FIGSIZE[1] * report.DPI), round(report.FIGSIZE[0] * report.DPI)
+    h, w = round(report_plot.FIGSIZE[1] * DPI), round(report_plot.FIGSIZE[0] * DPI)
     assert img.shape[:2] == (h, w)
     assert img[..., :3].std() > 0.05  # not blank
     # partitions are curves, seeds are averaged into them
@@ -436,20 +439,20 @@ def test_plot_curves_and_other_axes(runs, tmp_path, capsys):
     if not _has_matplotlib():
         pytest.skip("matplotlib is not installed (pip install fedmpi[plot])")
     paths = [runs[spec] for spec in SPECS]
-    res = report.plot_runs(paths, str(tmp_path / "a.svg"), x="seconds")
+    res = report_plot.plot_runs(paths, str(tmp_path / "a.svg"), x="seconds")
     assert res.labels == ["partition=iid (mean, min-max of 2 seeds)",
                           "partition=natural (mean, min-max of 2 seeds)"]
     assert res.notes == []
     assert (tmp_path / "a.svg").read_text().lstrip().startswith("<?xml")
-    res = report.plot_runs(paths, str(tmp_path / "b.pdf"), x="bytes_up", y="train_loss",
+    res = report_plot.plot_runs(paths, str(tmp_path / "b.pdf"), x="bytes_up", y="train_loss",
                            group_by=["partition", "seed"], dpi=50)
     assert res.labels == [f"partition={p}, seed={s}" for p, s in SPECS]
     assert (tmp_path / "b.pdf").read_bytes().startswith(b"%PDF")
-    res = report.plot_runs(paths, str(tmp_path / "c.png"), group_by=["seed"], dpi=40)
+    res = report_plot.plot_runs(paths, str(tmp_path / "c.png"), group_by=["seed"], dpi=40)
     assert res.labels == ["seed=0 (mean, min-max of 2 runs)", "seed=1 (mean, min-max of 2 runs)"]
     assert any("also differ in partition" in n for n in res.notes)
     killed = write_partial(runs[("iid", 1)], tmp_path / "killed.h5", rows=2)
-    res = report.plot_runs([runs[("iid", 0)], killed], str(tmp_path / "d.png"), dpi=40)
+    res = report_plot.plot_runs([runs[("iid", 0)], killed], str(tmp_path / "d.png"), dpi=40)
     assert res.labels == ["all runs (mean, min-max of 2 seeds)"]
     assert any("over the 2 rounds" in n for n in res.notes)
 
@@ -641,7 +644,7 @@ def test_clients_defaults_and_without_pandas(runs, capsys, monkeypatch):
     assert status == 0
     lines = out.splitlines()
     par = _section(lines, "participation:")
-    assert len(par) == 5 + 2 * report.CLIENTS_TOP + 1 and "(2 more clients)" in par[10]
+    assert len(par) == 5 + 2 * report_clients.CLIENTS_TOP + 1 and "(2 more clients)" in par[10]
     assert len(_section(lines, "client train_loss per round")) == 2 + ROUNDS
     monkeypatch.setattr(analysis, "_pandas", lambda: None)
     status, again, _ = call(capsys, "clients", path)
@@ -655,12 +658,12 @@ def test_clients_defaults_and_without_pandas(runs, capsys, monkeypatch):
 
 
 def test_loss_rows():
-    assert list(report.loss_rows(0)) == []
-    assert list(report.loss_rows(4)) == [0, 1, 2, 3]
-    assert list(report.loss_rows(30)) == [*range(0, 30, 2), 29]
-    assert len(report.loss_rows(1000)) <= report.LOSS_ROWS + 1
-    assert list(report.loss_rows(31, every=10)) == [0, 10, 20, 30]
-    assert list(report.loss_rows(32, every=10)) == [0, 10, 20, 30, 31]
+    assert list(report_clients.loss_rows(0)) == []
+    assert list(report_clients.loss_rows(4)) == [0, 1, 2, 3]
+    assert list(report_clients.loss_rows(30)) == [*range(0, 30, 2), 29]
+    assert len(report_clients.loss_rows(1000)) <= report_clients.LOSS_ROWS + 1
+    assert list(report_clients.loss_rows(31, every=10)) == [0, 10, 20, 30]
+    assert list(report_clients.loss_rows(32, every=10)) == [0, 10, 20, 30, 31]
 
 
 def test_clients_killed_and_empty_runs(runs, tmp_path, capsys):
@@ -695,20 +698,20 @@ def test_clients_figure(runs, tmp_path, capsys):
     assert "participation:" in stdout  # the text comes too
     assert out.stat().st_size > 1000
     img = matplotlib.image.imread(str(out))
-    w, h = (round(v * report.DPI) for v in report.CLIENTS_FIGSIZE)
+    w, h = (round(v * DPI) for v in report_clients.CLIENTS_FIGSIZE)
     assert img.shape[:2] == (h, w)
     assert img[..., :3].std() > 0.05  # not blank
-    notes = report.plot_clients(runs[("iid", 0)], str(tmp_path / "c.svg"), dpi=40,
+    notes = report_clients.plot_clients(runs[("iid", 0)], str(tmp_path / "c.svg"), dpi=40,
                                 title="my title")
     assert notes == []
     svg = (tmp_path / "c.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "my title" in svg
-    report.plot_clients(analysis.load(runs[("iid", 1)]), str(tmp_path / "c.pdf"), dpi=40)
+    report_clients.plot_clients(analysis.load(runs[("iid", 1)]), str(tmp_path / "c.pdf"), dpi=40)
     assert (tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
-    report.plot_clients(runs[("iid", 0)], str(tmp_path / "small.png"), dpi=50)
+    report_clients.plot_clients(runs[("iid", 0)], str(tmp_path / "small.png"), dpi=50)
     img = matplotlib.image.imread(str(tmp_path / "small.png"))
-    assert img.shape[:2] == (round(report.CLIENTS_FIGSIZE[1] * 50),
-                             round(report.CLIENTS_FIGSIZE[0] * 50))
+    assert img.shape[:2] == (round(report_clients.CLIENTS_FIGSIZE[1] * 50),
+                             round(report_clients.CLIENTS_FIGSIZE[0] * 50))
 
 
 def test_clients_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
