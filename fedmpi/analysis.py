@@ -45,7 +45,7 @@ IGNORED_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
 # Per-run summary columns, in output order (see Run.summary).
 SUMMARY_COLUMNS = ("rounds_done", "final_accuracy", "best_accuracy",
                    "rounds_to_target", "seconds_to_target",
-                   "bytes_up", "bytes_down", "wall_seconds")
+                   "bytes_up", "bytes_down", "wall_seconds", "epsilon")
 
 
 def _pandas():
@@ -242,7 +242,8 @@ class Run:
         final_accuracy is the last evaluated (non-NaN) test accuracy;
         rounds_to_target is the first round whose test accuracy is >= target
         and seconds_to_target the sum of /rounds/seconds up to and including
-        that round (None if never reached, or no target given).
+        that round (None if never reached, or no target given); epsilon is the
+        privacy spent after the last round (None without DP).
         """
         target = check_target(target)
         acc = np.asarray(self.metric("test_accuracy"), dtype=np.float64)
@@ -268,6 +269,9 @@ class Run:
             "bytes_up": int(np.sum(up)),
             "bytes_down": int(np.sum(down)),
             "wall_seconds": float(np.sum(secs)),
+            # privacy spent (differentially private runs): the accountant's after the last round
+            "epsilon": (float(self.metric("epsilon")[-1])
+                        if self.has_metric("epsilon") and self.rounds_done else None),
         }
 
 

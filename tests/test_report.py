@@ -32,7 +32,9 @@ RUN_ARGS = ["--clients", "12", "--clients-per-round", "4", "--rounds", str(ROUND
             "--hidden", "16"]
 SPECS = [(p, s) for p in ("iid", "natural") for s in (0, 1)]
 SUMMARY = ["rounds_done", "final_accuracy", "best_accuracy", "rounds_to_target",
-           "seconds_to_target", "bytes_up", "bytes_down", "wall_seconds"]
+           "seconds_to_target", "bytes_up", "bytes_down", "wall_seconds", "epsilon"]
+# what `summary` prints when no run is differentially private: no epsilon column
+SUMMARY_NO_DP = [c for c in SUMMARY if c != "epsilon"]
 
 
 def _env():
@@ -92,6 +94,7 @@ def expected(path, target=None):
         "bytes_up": int(r["bytes_up"].sum()),
         "bytes_down": int(r["bytes_down"].sum()),
         "wall_seconds": float(r["seconds"].sum()),
+        "epsilon": float(r["epsilon"][-1]) if "epsilon" in r else None,
     }
     if target is not None:
         for i in range(len(acc)):
@@ -123,9 +126,10 @@ def call(capsys, *args):
     return status, out, err
 
 
-def write_partial(src, dst, rows, config_update=None, drop=()):
+def write_partial(src, dst, rows, config_update=None, drop=(), extra_rounds=None):
     """A copy of run src with only its first `rows` rounds and no final model,
-    as a killed (or still running) job leaves it; `drop` omits round fields."""
+    as a killed (or still running) job leaves it; `drop` omits round fields,
+    `extra_rounds` ({field: values}) adds some."""
     data = read_run(src)
     config = dict(data["config"], **(config_update or {}))
     with ResultsWriter(str(dst), overwrite=True, config=config,
@@ -134,8 +138,9 @@ def write_partial(src, dst, rows, config_update=None, drop=()):
                        partition_sizes=data["partition"]["num_samples"],
                        label_histogram=data["partition"]["label_histogram"]) as w:
         for i in range(rows):
-            w.append_round({k: v[i].item() for k, v in data["rounds"].items()
-                            if k not in drop})
+            w.append_round({**{k: v[i].item() for k, v in data["rounds"].items()
+                               if k not in drop},
+                            **{k: float(v[i]) for k, v in (extra_rounds or {}).items()}})
             sel = data["clients"]["round"] == data["rounds"]["round"][i]
             w.append_clients({k: v[sel] for k, v in data["clients"].items()})
             w.flush()
@@ -274,13 +279,13 @@ def test_summary_csv(runs, run_dir, capsys):
                             "--target", repr(target), "--csv")
     assert status == 0 and err == ""
     table = list(csv.DictReader(io.StringIO(out)))
-    assert list(table[0]) == ["path", "partition", "seed", *SUMMARY]
+    assert list(table[0]) == ["path", "partition", "seed", *SUMMARY_NO_DP]
     assert len(table) == 4
     for row in table:
         want, config, _ = expected(row["path"], target)
         assert row["partition"] == config["partition"]
         assert int(row["seed"]) == config["seed"]
-        for key in SUMMARY:
+        for key in SUMMARY_NO_DP:
             if want[key] is None:
                 assert row[key] == ""
             elif isinstance(want[key], int):
@@ -455,6 +460,30 @@ def test_plot_curves_and_other_axes(runs, tmp_path, capsys):
     res = report_plot.plot_runs([runs[("iid", 0)], killed], str(tmp_path / "d.png"), dpi=40)
     assert res.labels == ["all runs (mean, min-max of 2 seeds)"]
     assert any("over the 2 rounds" in n for n in res.notes)
+
+
+def test_epsilon_in_summary_and_on_the_x_axis(runs, tmp_path, capsys):
+    """A DP run's privacy spent: the last /rounds/epsilon in the summary, and accuracy drawn
+    against the per-round epsilon values themselves (not a cumulative sum)."""
+    eps = np.array([0.4, 0.7, 0.95])
+    dp = write_partial(runs[("iid", 0)], tmp_path / "dp.h5", rows=3, extra_rounds={"epsilon": eps},
+                       config_update={"dp_clip": 1.0, "dp_noise_multiplier": 1.0})
+    plain = runs[("iid", 1)]
+    status, out, err = call(capsys, "summary", dp, plain, "--csv")
+    assert status == 0 and err == ""
+    table = {row["path"]: row for row in csv.DictReader(io.StringIO(out))}
+    assert float(table[dp]["epsilon"]) == 0.95 and table[plain]["epsilon"] == ""
+    status, out, _ = call(capsys, "summary", dp)
+    assert out.splitlines()[0].split()[-1] == "epsilon" and out.split()[-1] == "0.95"
+    if not _has_matplotlib():
+        return
+    res = report_plot.draw_runs([dp, plain], x="epsilon")
+    (line,) = res.figure.axes[0].get_lines()
+    acc = read_run(dp)["rounds"]["test_accuracy"]
+    keep = ~np.isnan(acc)
+    np.testing.assert_array_equal(line.get_xdata(), eps[keep])
+    np.testing.assert_array_equal(line.get_ydata(), acc[keep])
+    assert any("not a DP run" in n for n in res.notes)
 
 
 def test_plot_without_matplotlib(runs, tmp_path, capsys, monkeypatch):

@@ -72,6 +72,8 @@ def _cell(column: str, value, human: bool) -> str:
         return f"{value:.2f}" if human else repr(value)
     if column in ("bytes_up", "bytes_down"):
         return fmt_bytes(value) if human else str(value)
+    if column == "epsilon":
+        return f"{value:.3g}" if human else repr(value)
     if isinstance(value, float) and not human:
         return repr(value)
     return fmt_config(value)

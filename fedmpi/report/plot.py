@@ -15,7 +15,7 @@ from fedmpi.report._format import emit, fmt_config, note
 
 ORDER = 20  # place in --help
 FIGSIZE = (7.0, 4.5)  # inches; PNG pixels = FIGSIZE * dpi
-X_CHOICES = ("round", "seconds", "bytes_up", "bytes_down")
+X_CHOICES = ("round", "seconds", "bytes_up", "bytes_down", "epsilon")
 
 # Common settings named in a plot's subtitle when all runs share them.
 _SUBTITLE_KEYS = ("dataset", "partition", "algorithm", "clients", "clients_per_round")
@@ -43,6 +43,8 @@ def x_label(x: str) -> str:
         return "round"
     if x == "seconds":
         return "wall-clock time, cumulative (s)"
+    if x == "epsilon":
+        return "privacy spent, epsilon (at the run's delta)"
     return f"{x.replace('_', ' ').replace('bytes', 'bytes sent')}, cumulative (B)"
 
 
@@ -110,6 +112,11 @@ def draw_runs(runs, *, y: str = "test_accuracy", x: str = "round",
             yv = np.asarray(run.metric(y), dtype=np.float64)
             if x == "round":
                 xv = rnd.astype(np.float64)
+            elif x == "epsilon":  # already cumulative: the accountant's value after the round
+                if not run.has_metric("epsilon"):
+                    notes.append(f"{run.path} has no /rounds/epsilon (not a DP run)")
+                    continue
+                xv = np.asarray(run.metric("epsilon"), dtype=np.float64)
             else:
                 xv = np.cumsum(np.asarray(run.metric(x), dtype=np.float64))
             keep = ~np.isnan(yv)
@@ -198,7 +205,7 @@ def register(sub) -> None:
                    help="a /rounds dataset: test_accuracy, test_loss, train_loss, ... "
                         "(default: test_accuracy)")
     s.add_argument("--x", default="round", choices=X_CHOICES,
-                   help="round, or cumulative seconds / bytes_up / bytes_down "
+                   help="round, epsilon (DP runs), or cumulative seconds / bytes_up / bytes_down "
                         "(default: round)")
     s.add_argument("--group-by", action="append", metavar="KEY",
                    help="config key(s) that make one curve each, repeatable or comma "

@@ -15,6 +15,8 @@ def cmd_summary(args) -> int:
     columns = list(rows[0])
     if args.target is None:
         columns = [c for c in columns if c not in TARGET_COLUMNS]
+    if all(r["epsilon"] is None for r in rows):  # no DP run among them
+        columns.remove("epsilon")
     style = "csv" if args.csv else "markdown" if args.markdown else "text"
     planned = [r.rounds_planned for r in runs]
     emit(format_table(rows, columns, style, planned))
@@ -27,7 +29,8 @@ def register(sub) -> None:
                        description="One row per run: the config keys that differ between "
                                    "the runs, then rounds_done, final_accuracy (last "
                                    "evaluated), best_accuracy, bytes_up, bytes_down, "
-                                   "wall_seconds (sum of round times); with --target also "
+                                   "wall_seconds (sum of round times), epsilon (privacy "
+                                   "spent, DP runs); with --target also "
                                    "rounds_to_target and seconds_to_target.")
     s.add_argument("runs", nargs="+", metavar="RUN")
     s.add_argument("--target", type=float, metavar="ACC",
