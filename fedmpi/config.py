@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 
+from fedmpi.cli import ArgumentParser
 from fedmpi.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -119,9 +121,10 @@ class Config:
         may change on resume (more rounds extend a finished run).
         """
         mine = self.to_dict()
+        # a setting missing from an older file had the default then
+        default = Config().to_dict()
         return sorted(k for k in mine if k not in RESUMABLE
-                      and (k in other and other[k] != mine[k]
-                           or k not in other and mine[k] != FIELDS[k].default))
+                      and other.get(k, default[k]) != mine[k])
 
     def resolved_partition(self) -> str:
         if self.partition != "auto":
@@ -130,11 +133,19 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
-RESUMABLE = {"out", "overwrite", "resume", "checkpoint_every", "rounds"}
+# Settings that say where and how a run is executed, not what it computes: they
+# never make two runs different (analysis, sweeps) and may change on resume.
+EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
+# ... and more rounds extend a finished run.
+RESUMABLE = frozenset(EXECUTION_KEYS + ("rounds",))
 
 
 def parse_hidden(value) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
+        # a TOML list: integers only (int() would turn 1.5 into 1 and true into 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UserError(f"--hidden {list(value)!r} is malformed: give a list of positive "
+                            "integers such as [128, 64] (or [] for none)")
         items = list(value)
     else:
         text = str(value).strip().lower()
@@ -170,7 +181,10 @@ def _convert(name: str, value):
         if typ == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"{flag} got {value!r}: expected a finite number")
+            return number
         if typ.startswith("str"):
             if value is None or isinstance(value, str):
                 return value
@@ -215,9 +229,15 @@ def validate(cfg: Config) -> Config:
     need(cfg.server_tau > 0, f"--server-tau must be positive (got {cfg.server_tau})")
     need(cfg.prox_mu >= 0, f"--prox-mu must be non-negative (got {cfg.prox_mu})")
     need(0 <= cfg.trim < 0.5, f"--trim must be in [0, 0.5) (got {cfg.trim})")
-    need(cfg.aggregator != "trimmed_mean" or 2 * int(cfg.trim * cfg.clients_per_round)
-         < cfg.clients_per_round, "--trim removes every update of a round: lower --trim "
-         "or raise --clients-per-round")
+    if cfg.aggregator == "trimmed_mean":
+        # every round has exactly clients_per_round updates, so the cut is known now
+        cut = int(cfg.trim * cfg.clients_per_round)
+        need(cut >= 1, f"--aggregator trimmed_mean --trim {cfg.trim} with --clients-per-round "
+             f"{cfg.clients_per_round} trims floor({cfg.trim} * {cfg.clients_per_round}) = 0 "
+             "updates, which is the plain unweighted mean, not robust: raise --trim (or --clients-per-round) so that "
+             "trim * clients-per-round >= 1")
+        need(2 * cut < cfg.clients_per_round, "--trim removes every update of a round: lower "
+             "--trim or raise --clients-per-round")
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer", "aggregator"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
@@ -232,15 +252,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one line, no usage dump) instead of exiting."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see python -m fedmpi --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m fedmpi",
         description="Run one federated training job. Under mpiexec, rank 0 aggregates and "
                     "the other ranks host the simulated clients; alone, one process does both.",

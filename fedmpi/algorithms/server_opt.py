@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
+from fedmpi.config import SERVER_OPTIMIZERS  # the names users choose from: one list
 
 
 class ServerOptimizer:
