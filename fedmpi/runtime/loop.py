@@ -14,6 +14,7 @@ plays both roles). One round:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -28,6 +29,7 @@ from fedmpi import aggregate, algorithms, schedule
 from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.data import Dataset, load_dataset
+from fedmpi.data import fingerprint as fingerprint_of
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
 from fedmpi.model.mlp import MLP
@@ -41,7 +43,13 @@ EVAL_CHUNK = 250  # test samples per evaluation chunk: fixed, so sums do not dep
 
 
 def _default_out() -> str:
-    return os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S") + ".h5")
+    """results/<date>-<time>-<pid>.h5, with a suffix if taken: two runs started in the
+    same second get different files (ResultsWriter's exclusive create catches races)."""
+    stem = os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+    path, n = stem + ".h5", 1
+    while os.path.lexists(path):
+        path, n = f"{stem}-{n}.h5", n + 1
+    return path
 
 
 def _plan_output(cfg: Config):
@@ -51,7 +59,7 @@ def _plan_output(cfg: Config):
     which must hold a checkpoint of the same configuration. With --resume
     auto: continue --out if it holds a checkpoint, else start afresh there.
     """
-    from fedmpi.results import check_output_path, read_checkpoint, read_run
+    from fedmpi.results import check_output_path, read_checkpoint, read_run, require_regular_file
 
     if cfg.resume is None:
         out = cfg.out or _default_out()
@@ -62,27 +70,42 @@ def _plan_output(cfg: Config):
     if not auto and cfg.out is not None and os.path.abspath(cfg.out) != os.path.abspath(out):
         raise UserError(f"--out {cfg.out} and --resume {cfg.resume} name different files: "
                         "a resumed run continues in the file it resumes")
+    require_regular_file(out)  # before any open: a FIFO would block it forever
     if not os.path.exists(out):
         if auto:
             check_output_path(out, False)
             return out, None, False
         raise UserError(f"--resume {out}: no such file")
-    ckpt = read_checkpoint(out)
+    try:
+        ckpt = read_checkpoint(out)
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise UserError(f"--resume {out}: its checkpoint is damaged ({e}); start a new run "
+                        "(or --overwrite it)") from None
     if ckpt is None:
         if not auto:
             raise UserError(f"--resume {out}: the file holds no checkpoint; start the run "
                             "afresh (--resume auto does that by itself)")
-        read_run(out)  # only replace a file that is a fedmpi results file
+        # only replace a fedmpi results file, and only one of this same run
+        _refuse_other_config(cfg, out, read_run(out)["config"])
         check_output_path(out, True)
         return out, None, True
-    saved, _, _ = ckpt
+    saved, done, _ = ckpt
+    _refuse_other_config(cfg, out, saved)
+    if cfg.rounds < done:
+        raise UserError(f"cannot resume {out} with --rounds {cfg.rounds}: it holds {done} "
+                        f"rounds already; give --rounds {done} or more")
+    return out, ckpt, False
+
+
+def _refuse_other_config(cfg: Config, out: str, saved) -> None:
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {out}: its config attribute is not a JSON object")
     diff = cfg.differences(saved)
     if diff:
         mine = cfg.to_dict()
         raise UserError(f"cannot resume {out}: the configuration differs in "
                         + ", ".join(f"{k} (file {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
                         + "; give the run's own settings or start a new run")
-    return out, ckpt, False
 
 
 def _load_shared(cfg: Config, comm: MPI.Comm):
@@ -210,6 +233,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             error = str(e)
     C.agree(comm, error)
     cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
+    C.check_ranks_per_node(comm)
 
     data, _keep_alive = _load_shared(cfg, comm)
     part = make_partition(cfg.partition, data.y_train, cfg.clients, seed=cfg.seed,
@@ -228,18 +252,21 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     writer, first, error = None, 1, None
     if root:
         _print_config(cfg, data, model, size, where)
+        fingerprint = fingerprint_of(data, part.order, part.offsets)
+        attrs = {"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
+            [sys.executable, "-m", "fedmpi", *(argv or [])]),
+            "data_fingerprint": json.dumps(fingerprint, sort_keys=True)}
         try:  # the path was checked, but creating the file can still fail (disk, name, race)
             if ckpt is not None:
-                writer, done, arrays = ResultsWriter.reopen(cfg.out)
+                writer, done, arrays = ResultsWriter.reopen(
+                    cfg.out, config=cfg.to_dict(), attrs=attrs, data_fingerprint=fingerprint)
                 params[:] = arrays["params"]
                 algo.load_server_state(arrays)
                 first = done + 1
                 print(f"resuming {cfg.out} after round {done}", flush=True)
             else:
                 writer = ResultsWriter(
-                    cfg.out, overwrite=replace, config=cfg.to_dict(),
-                    attrs={"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
-                        [sys.executable, "-m", "fedmpi", *(argv or [])])},
+                    cfg.out, overwrite=replace, config=cfg.to_dict(), attrs=attrs,
                     layer_sizes=list(model.sizes), partition_sizes=sizes,
                     label_histogram=part.label_histogram(data.y_train, data.num_classes))
         except UserError as e:
@@ -272,7 +299,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             updates = np.empty((len(mine), model.num_params), np.float32)
             # per client of the round (in `clients` order): mean train loss, seconds;
             # zero rows for clients of other ranks, so a sum collects them exactly
-            stats = np.zeros((len(clients), 2), np.float64)
+            # last row: (count, sum) of signals workers noted, to stop at rank 0's safe point
+            stats = np.zeros((len(clients) + 1, 2), np.float64)
+            if not root:
+                stats[-1] = signals.deferred_row()
             bound = 0.0
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
@@ -321,12 +351,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 rank_of = {c: workers[w] for w, cs in enumerate(plan) for c in cs.tolist()}
                 cols = {"round": np.full(len(clients), rnd), "client_id": clients,
                         "rank": np.array([rank_of[c] for c in clients.tolist()]),
-                        "num_samples": sizes[clients], "train_loss": all_stats[:, 0],
-                        "seconds": all_stats[:, 1]}
+                        "num_samples": sizes[clients], "train_loss": all_stats[:-1, 0],
+                        "seconds": all_stats[:-1, 1]}
                 n_round = int(cols["num_samples"].sum())
                 train_loss = float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                 seconds = time.perf_counter() - t0
                 with signals.held():  # a stop never leaves half a round in the file
+                    if rnd < cfg.rounds:
+                        signals.deliver(all_stats[-1])
                     writer.append_round({
                         "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
                         "train_loss": train_loss, "num_clients": len(clients),
