@@ -120,10 +120,8 @@ def require_regular_file(path: str, what: str = "results file") -> None:
     """
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return  # nothing there (or a dangling link, which --overwrite replaces)
-    except OSError as e:
-        raise UserError(f"cannot use {what} {path}: {e.strerror or e}") from None
+    except OSError:
+        return  # nothing there (or a dangling link, or a parent that is a file): later checks say
     if stat.S_ISDIR(mode):
         raise UserError(f"{what} {path} is a directory: give a file name to --out")
     if not stat.S_ISREG(mode):

@@ -13,6 +13,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import fedmpi_lines
 
 ARGS = ["--rounds", "150", "--clients", "40", "--clients-per-round", "10", "--hidden", "64",
         "--batch-size", "5"]
@@ -100,7 +101,7 @@ def _fedmpi(*args, env=None):
 
 def _one_error_line(r, *words):
     assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("fedmpi")]
+    lines = fedmpi_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("fedmpi: error: "), r.stderr
     assert "Traceback" not in r.stderr
     for w in words:
