@@ -441,3 +441,32 @@ def test_default_output_names_are_unique(tmp_path, numba_warm):
     assert len(files) == 2, files
     for f in files:
         assert len(read_run(str(f))["rounds"]["round"]) == 1
+
+
+_GATHER_SCRIPT = """
+import numpy as np
+from mpi4py import MPI
+from fedmpi.runtime import comm as C
+comm = MPI.COMM_WORLD
+# clients spread over ranks in no particular order; rank 0 trains some too
+by_rank = [[7, 2], [0, 9, 4], [3], [8, 1, 5, 6]][:comm.size]
+mine = by_rank[comm.rank]
+rows = np.array([[c, c * 10.0 + comm.rank] for c in mine], np.float32).reshape(len(mine), 2)
+got = C.gather_in_client_order(comm, rows, by_rank)
+if comm.rank == 0:
+    ids = sorted(c for ids in by_rank for c in ids)
+    where = {c: r for r, ids in enumerate(by_rank) for c in ids}
+    want = np.array([[c, c * 10.0 + where[c]] for c in ids], np.float32)
+    assert np.array_equal(got, want), got
+    print("ok")
+else:
+    assert got is None
+"""
+
+
+@requires_mpiexec
+def test_gather_puts_updates_in_client_id_order(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    res = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-c", _GATHER_SCRIPT],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", describe(res)

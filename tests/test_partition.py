@@ -72,11 +72,21 @@ def test_iid_is_shuffled():
 
 
 def test_shards_mcmahan_setting():
-    p = make_partition("shards", LABELS, 100, seed=0, shards_per_client=2)
-    check_valid(p, len(LABELS), 100)
-    h = p.label_histogram(LABELS, 10)
-    assert ((h > 0).sum(axis=1) <= 2).all()
+    # Shuffled labels: were they not sorted first, shards would mix classes (on
+    # already sorted labels any contiguous split would pass).
+    labels = LABELS[np.random.default_rng(1).permutation(len(LABELS))]
+    p = make_partition("shards", labels, 100, seed=0, shards_per_client=2)
+    check_valid(p, len(labels), 100)
+    h = p.label_histogram(labels, 10)
     assert (p.sizes == 60).all()
+    # 200 shards of 30 samples, each of one class (600 per class = 20 whole shards):
+    # a client holds 30 or 60 samples of each class it has, at most 2 classes
+    assert set(np.unique(h).tolist()) <= {0, 30, 60}
+    assert ((h > 0).sum(axis=1) <= 2).all()
+    np.testing.assert_array_equal(h.sum(axis=0), 600)
+    # the shards are dealt at random: most clients get two classes, some one
+    two = ((h > 0).sum(axis=1) == 2).mean()
+    assert 0.7 < two < 1.0
 
 
 def test_shards_per_client_option():

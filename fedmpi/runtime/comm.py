@@ -63,6 +63,21 @@ def gather_rows(comm: MPI.Comm, rows: np.ndarray, counts: list[int]) -> np.ndarr
     return out if comm.rank == 0 else None
 
 
+def gather_in_client_order(comm: MPI.Comm, rows: np.ndarray,
+                           clients_by_rank: list) -> np.ndarray | None:
+    """Every rank's float32 rows on rank 0, one per client in ascending client id; None elsewhere.
+
+    clients_by_rank[r] lists the client ids whose rows rank r sends, in its
+    row order (known to every rank). The order does not depend on which rank
+    trained which client, so neither does anything computed from the rows.
+    """
+    stacked = gather_rows(comm, rows, [len(ids) for ids in clients_by_rank])
+    if comm.rank != 0:
+        return None
+    ids = np.concatenate([np.asarray(ids, np.int64) for ids in clients_by_rank])
+    return stacked[np.argsort(ids, kind="stable")]
+
+
 def allreduce_max(comm: MPI.Comm, value: float) -> float:
     buf = np.array([value], np.float64)
     wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX))

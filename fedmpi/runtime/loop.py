@@ -323,10 +323,9 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if algo.needs_each_update:
                 # robust combiners need every update: gather them, in client-id order
                 by_rank = [plan[workers.index(r)] if r in workers else [] for r in range(size)]
-                stacked = C.gather_rows(comm, updates, [len(p) for p in by_rank])
+                in_order = C.gather_in_client_order(comm, updates, by_rank)
                 if root:
-                    order = np.argsort(np.concatenate(by_rank))
-                    mean_update = algo.combine(stacked[order])
+                    mean_update = algo.combine(in_order)
             else:
                 acc = np.zeros(model.num_params, np.int64)
                 for i, c in enumerate(mine.tolist()):
