@@ -23,10 +23,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
-PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet")
+PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet", "dirichlet_clients")
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 AGGREGATORS = ("mean", "median", "trimmed_mean")
+CLIENT_SAMPLINGS = ("uniform", "proportional")
+CLIENT_WEIGHTINGS = ("samples", "uniform")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 INITS = ("glorot_uniform", "he_uniform")
@@ -48,16 +50,26 @@ class Config:
     synthetic_beta: float = field(default=1.0, metadata=_opt(
         "Synthetic(alpha,beta): how much the clients' inputs differ"))
     partition: str = field(default="auto", metadata=_opt(
-        "how samples are split over clients; auto = natural for synthetic, iid otherwise",
-        PARTITIONS))
+        "how samples are split over clients; auto = natural for synthetic, iid otherwise; "
+        "dirichlet = per class over clients (the NIID-Bench variant), dirichlet_clients = "
+        "per client over classes, equal sizes (Hsu et al. 2019)", PARTITIONS))
     alpha: float = field(default=0.5, metadata=_opt(
-        "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"))
+        "Dirichlet concentration for --partition dirichlet and dirichlet_clients (smaller = "
+        "more label skew)"))
     shards_per_client: int = field(default=2, metadata=_opt(
         "label-sorted shards per client for --partition shards (McMahan et al. use 2)"))
     clients: int = field(default=100, metadata=_opt("number of simulated clients"))
     # federated schedule
     clients_per_round: int = field(default=10, metadata=_opt(
         "clients sampled (without replacement) each round"))
+    client_sampling: str = field(default="uniform", metadata=_opt(
+        "how the round's clients are drawn: uniform, or proportional to their sample counts "
+        "(FedProx's experiments, Li et al. 2020; pair with --client-weighting uniform)",
+        CLIENT_SAMPLINGS))
+    client_weighting: str = field(default="samples", metadata=_opt(
+        "weights of the clients' updates in the mean: samples (n_k/n, FedAvg) or uniform "
+        "(1/K: FedAdam/FedYogi's Algorithm 2, Reddi et al. 2021; FedProx's)",
+        CLIENT_WEIGHTINGS))
     rounds: int = field(default=50, metadata=_opt("number of communication rounds"))
     algorithm: str = field(default="fedavg", metadata=_opt("federated algorithm", ALGORITHMS))
     server_lr: float = field(default=1.0, metadata=_opt(
@@ -238,7 +250,8 @@ def validate(cfg: Config) -> Config:
              "trim * clients-per-round >= 1")
         need(2 * cut < cfg.clients_per_round, "--trim removes every update of a round: lower "
              "--trim or raise --clients-per-round")
-    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer", "aggregator"):
+    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
+                 "aggregator", "client_sampling", "client_weighting"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")

@@ -55,8 +55,8 @@ ROUND_FIELDS: dict[str, tuple[str, str]] = {
     ),
     "test_loss": (
         "nats",
-        "Mean cross-entropy of the global model on the test set after this "
-        "round; NaN in rounds without evaluation",
+        "Mean loss (the run's --loss) of the global model on the test set "
+        "after this round; NaN in rounds without evaluation",
     ),
     "train_loss": (
         "nats",
@@ -88,6 +88,11 @@ _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
 # Root attrs that describe the segment of the run that wrote them: a resumed
 # run replaces them (and keeps every segment's under /segments).
 _SEGMENT_ATTRS = ("config", "mpi_size", "command", "ranks", "data_fingerprint")
+
+# Units of the loss columns by the run's --loss: cross-entropy is in nats, a
+# squared error of one-hot targets has no unit.
+LOSS_UNITS = {"cross_entropy": "nats", "mse": "1"}
+_LOSS_COLUMNS = ("test_loss", "train_loss")
 
 # Chunk lengths (rows). Small enough that a short run doesn't waste space,
 # large enough that a long run doesn't pay per-chunk overhead per row.
@@ -295,6 +300,7 @@ class ResultsWriter:
         self._num_client_rows = 0
         self._round_keys: tuple[str, ...] | None = None
         self._client_keys: tuple[str, ...] | None = None
+        self._loss_units = LOSS_UNITS.get(config.get("loss", "cross_entropy"), "")
 
         f = self._file
         f.attrs["config"] = config_json
@@ -371,6 +377,7 @@ class ResultsWriter:
 
         if self._round_keys is None:
             self._create_columns(group, values, ROUND_FIELDS, _ROUND_CHUNK)
+            self._set_loss_units(group)
             self._round_keys = keys
         n = self._num_rounds
         for name, value in values.items():
@@ -415,6 +422,7 @@ class ResultsWriter:
 
         if self._client_keys is None:
             self._create_columns(group, arrays, CLIENT_FIELDS, _CLIENT_CHUNK)
+            self._set_loss_units(group)
             self._client_keys = keys
         n = self._num_client_rows
         for name, a in arrays.items():
@@ -422,6 +430,11 @@ class ResultsWriter:
             ds.resize((n + m,))
             ds[n:n + m] = a
         self._num_client_rows = n + m
+
+    def _set_loss_units(self, group) -> None:
+        for name in _LOSS_COLUMNS:
+            if name in group:
+                group[name].attrs["units"] = self._loss_units
 
     @staticmethod
     def _create_columns(group, values: dict, fields: dict,
@@ -543,6 +556,8 @@ class ResultsWriter:
         _OPEN_WRITERS.add(self._realpath)
         self._own_lock = _hold_lock_if_hdf5_does_not(path)
         f = self._file
+        run_config = config if config is not None else ckpt[0]
+        self._loss_units = LOSS_UNITS.get(run_config.get("loss", "cross_entropy"), "")
         if config is not None:
             f.attrs["config"] = json.dumps(config, sort_keys=True)
         for key, value in (attrs or {}).items():

@@ -7,10 +7,20 @@ import numpy as np
 from fedmpi.rng import generator
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> np.ndarray:
-    """Client ids of a round, drawn without replacement, in ascending order."""
+def sample_clients(num_clients: int, per_round: int, seed: int, round_: int,
+                   sizes: np.ndarray | None = None) -> np.ndarray:
+    """Client ids of a round, drawn without replacement, in ascending order.
+
+    Uniformly; or, given the clients' sample counts `sizes`, each draw with
+    probability proportional to n_k among the clients not yet drawn (as
+    FedProx's code samples: numpy choice with p = n_k/n, replace=False).
+    """
     rng = generator(seed, "sample", round_)
-    return np.sort(rng.choice(num_clients, size=per_round, replace=False)).astype(np.int64)
+    p = None
+    if sizes is not None:
+        p = np.asarray(sizes, np.float64)
+        p = p / p.sum()
+    return np.sort(rng.choice(num_clients, size=per_round, replace=False, p=p)).astype(np.int64)
 
 
 def assign(clients: np.ndarray, sizes: np.ndarray, num_workers: int) -> list[np.ndarray]:

@@ -147,11 +147,13 @@ def test_robust_combiners_ignore_a_byzantine_client_in_any_order():
                                    rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "uniform_mean"])
 def test_robust_aggregation_against_reference_across_ranks(tmp_path, small_npz, aggregator):
     """One round, 5 clients trained by the plain NumPy SGD of test_mpi; the server
     steps by the coordinate-wise median (or trimmed mean) of their deltas, at 1 and 4
-    ranks. The plain mean gives other parameters, so an ignored --aggregator fails."""
+    ranks. The plain mean gives other parameters, so an ignored --aggregator fails.
+    uniform_mean: --client-weighting uniform, the unweighted mean of the deltas
+    (FedAdam's Algorithm 2), on a Dirichlet split whose clients differ in size."""
     import os
     import shutil
 
@@ -165,7 +167,11 @@ def test_robust_aggregation_against_reference_across_ranks(tmp_path, small_npz, 
     seed, hidden, k, lr = 3, (6,), 5, 0.1
     base = ["-m", "fedmpi", "--dataset", f"npz:{small_npz}", "--clients", str(k),
             "--clients-per-round", str(k), "--rounds", "1", "--hidden", "6", "--batch-size", "16",
-            "--lr", str(lr), "--seed", str(seed), "--aggregator", aggregator, "--trim", "0.2"]
+            "--lr", str(lr), "--seed", str(seed)]
+    if aggregator == "uniform_mean":
+        base += ["--client-weighting", "uniform", "--partition", "dirichlet", "--alpha", "1"]
+    else:
+        base += ["--aggregator", aggregator, "--trim", "0.2"]
     subprocess.run([sys.executable, *base, "--out", str(tmp_path / "1.h5")], check=True,
                    capture_output=True, timeout=120)
     subprocess.run([mpiexec, "-n", "4", sys.executable, *base, "--out", str(tmp_path / "4.h5")],
@@ -177,7 +183,11 @@ def test_robust_aggregation_against_reference_across_ranks(tmp_path, small_npz, 
         classes = int(max(y.max(), z["y_test"].max())) + 1
     sizes = (x.shape[1], *hidden, classes)
     init = MLP(sizes).init(generator(seed, "init"), "glorot_uniform").astype(np.float64)
-    part = make_partition("iid", y, k, seed=seed)
+    if aggregator == "uniform_mean":
+        part = make_partition("dirichlet", y, k, seed=seed, alpha=1.0)
+        assert part.sizes.max() > 1.5 * part.sizes.min()  # weighting by n_k would differ
+    else:
+        part = make_partition("iid", y, k, seed=seed)
     deltas = []
     for c in range(k):
         idx = part.indices(c)
@@ -187,13 +197,17 @@ def test_robust_aggregation_against_reference_across_ranks(tmp_path, small_npz, 
         deltas.append(np.concatenate([np.concatenate([w.ravel(), b]) for w, b in layers]) - init)
     deltas = np.array(deltas)
     s = np.sort(deltas, axis=0)
-    combined = s[k // 2] if aggregator == "median" else s[1:k - 1].mean(axis=0)
-    expected = init + combined
-    mean = init + deltas.mean(axis=0)
-    assert np.abs(expected - mean).max() > 1e-3, "median == mean here: the test would be vacuous"
+    if aggregator == "uniform_mean":
+        expected = init + deltas.mean(axis=0)
+        other = init + part.sizes @ deltas / part.sizes.sum()  # the sample-weighted mean
+    else:
+        expected = init + (s[k // 2] if aggregator == "median" else s[1:k - 1].mean(axis=0))
+        other = init + deltas.mean(axis=0)
+    assert np.abs(expected - other).max() > 1e-3, "the test would be vacuous"
 
     with h5py.File(tmp_path / "1.h5") as a, h5py.File(tmp_path / "4.h5") as b:
         got = a["model/params"][:]
         assert np.array_equal(got.view(np.uint32), b["model/params"][:].view(np.uint32))
-        assert json.loads(a.attrs["config"])["aggregator"] == aggregator
+        config = json.loads(a.attrs["config"])
+        assert config["aggregator"] == aggregator or config["client_weighting"] == "uniform"
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)

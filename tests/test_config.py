@@ -75,3 +75,34 @@ def test_choice_lists_have_one_source():
         server_opt.ServerOptimizer(kind, 3, lr=1.0)
     assert RESUMABLE == set(EXECUTION_KEYS) | {"rounds"}
     assert set(sweep.RESERVED) <= set(EXECUTION_KEYS)
+
+
+def test_proportional_sampling_draws_clients_by_size():
+    """First (and here only) draw: client k with probability n_k / n."""
+    import numpy as np
+
+    from fedmpi.schedule import sample_clients
+
+    sizes = np.array([1, 2, 3, 4, 10])
+    counts = np.zeros(5)
+    rounds = 4000
+    for r in range(1, rounds + 1):
+        (c,) = sample_clients(5, 1, 0, r, sizes)
+        counts[c] += 1
+    p = sizes / sizes.sum()
+    # within 4.5 standard deviations of the binomial count
+    assert (np.abs(counts - rounds * p) < 4.5 * np.sqrt(rounds * p * (1 - p))).all(), counts
+    many = sample_clients(5, 5, 0, 1, sizes)
+    assert many.tolist() == [0, 1, 2, 3, 4]  # without replacement
+    assert sample_clients(5, 2, 7, 3).tolist() == sample_clients(5, 2, 7, 3).tolist()
+
+
+def test_uniform_weighting_option():
+    from fedmpi.algorithms import make
+    from fedmpi.model.mlp import MLP
+
+    model = MLP((2, 2))
+    assert make(from_dict({}), model).weight(7) == 7.0
+    assert make(from_dict({"client_weighting": "uniform"}), model).weight(7) == 1.0
+    assert make(from_dict({"client_weighting": "uniform", "algorithm": "fedprox"}),
+                model).weight(7) == 1.0

@@ -415,3 +415,16 @@ def test_fifo_is_refused_without_blocking(tmp_path):
             check_output_path(str(fifo), overwrite=overwrite)
     with pytest.raises(UserError, match="not a regular file"):
         ResultsWriter.reopen(str(fifo))
+
+
+@pytest.mark.parametrize("loss, units", [("cross_entropy", "nats"), ("mse", "1")])
+def test_loss_units_follow_the_loss(tmp_path, loss, units):
+    path = tmp_path / "run.h5"
+    with make_writer(path, config={**CONFIG, "loss": loss}) as w:
+        w.append_round({"round": 1, "test_loss": 0.5, "train_loss": 0.4})
+        w.append_clients({"round": [1], "train_loss": [0.4]})
+    with h5py.File(path, "r") as f:
+        assert f["rounds/test_loss"].attrs["units"] == units
+        assert f["rounds/train_loss"].attrs["units"] == units
+        assert f["clients/train_loss"].attrs["units"] == units
+        assert "cross-entropy" not in f["rounds/test_loss"].attrs["description"]

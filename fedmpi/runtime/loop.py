@@ -288,7 +288,9 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             print(f"{cfg.out} already holds all {cfg.rounds} rounds", flush=True)
         for rnd in range(first, cfg.rounds + 1):
             t0 = time.perf_counter()
-            clients = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd)
+            clients = schedule.sample_clients(
+                cfg.clients, cfg.clients_per_round, cfg.seed, rnd,
+                sizes if cfg.client_sampling == "proportional" else None)
             plan = schedule.assign(clients, sizes, len(workers))
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
             weights = np.array([algo.weight(int(sizes[c])) for c in clients], np.float64)
