@@ -303,8 +303,6 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             # zero rows for clients of other ranks, so a sum collects them exactly
             # last row: (count, sum) of signals workers noted, to stop at rank 0's safe point
             stats = np.zeros((len(clients) + 1, 2), np.float64)
-            if not root:
-                stats[-1] = signals.deferred_row()
             bound = 0.0
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
@@ -336,6 +334,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 shared.sum_to_root(acc, total)
                 if root:
                     mean_update = aggregate.to_float(total, scale)
+            if not root:
+                stats[-1] = signals.deferred_row()
             all_stats = np.zeros_like(stats) if root else None
             C.reduce_sum(comm, stats, all_stats)
 
