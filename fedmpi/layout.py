@@ -24,8 +24,8 @@ ROUND_FIELDS: dict[str, tuple[str, str]] = {
     ),
     "test_loss": (
         "nats",
-        "Mean cross-entropy of the global model on the test set after this "
-        "round; NaN in rounds without evaluation",
+        "Mean loss (the run's --loss) of the global model on the test set "
+        "after this round; NaN in rounds without evaluation",
     ),
     "train_loss": (
         "nats",
@@ -50,6 +50,37 @@ CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "num_samples": ("samples", "Training samples held by the client"),
     "train_loss": ("nats", "Client's mean training loss in this round"),
     "seconds": ("s", "Wall-clock time of the client's local training"),
+}
+
+# Columns that only some runs have (written by the runtime and update-pipeline
+# stages); described the same way when they are created.
+MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
+    "num_sampled": (
+        "clients", "Clients sampled this round; num_clients of them reported (the others "
+        "dropped out, --dropout-rate)"),
+    "fixed_point_coarse": (
+        "coordinates", "Nonzero update coordinates that the exact fixed-point sum carried with "
+        "fewer than 16 significant bits (their block's bound was set by a much larger value); "
+        "0 in healthy runs"),
+    # differential privacy (--dp-clip)
+    "epsilon": (
+        "1", "Privacy budget spent after this round at the run's dp_delta (user-level; "
+        "accountant in the dp_accountant attribute); inf without noise"),
+    "dp_clip_norm": ("1", "L2 clip norm S the clients used in this round"),
+    "dp_clipped_fraction": (
+        "1", "Fraction of this round's clients whose update was clipped (a diagnostic, "
+        "not privatised)"),
+    "dp_median_norm": (
+        "1", "Median L2 norm of this round's client updates before clipping (a "
+        "diagnostic, not privatised)"),
+    "dp_noise_std": (
+        "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
+        "update (z_update * S / K)"),
+}
+
+MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
+    "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
+    "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
 }
 
 FLAT_LAYOUT = (
