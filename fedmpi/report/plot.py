@@ -9,7 +9,7 @@ import numpy as np
 
 from fedmpi import analysis
 from fedmpi.errors import UserError
-from fedmpi.layout import ROUND_FIELDS
+from fedmpi.layout import MORE_ROUND_FIELDS, ROUND_FIELDS
 from fedmpi.report._figure import DPI, figure_format, matplotlib_parts, save
 from fedmpi.report._format import emit, fmt_config, note
 
@@ -29,7 +29,7 @@ class PlotResult(NamedTuple):
 
 def metric_label(name: str) -> tuple[str, str]:
     """(axis label with units, units) for a /rounds metric."""
-    units = ROUND_FIELDS.get(name, ("", ""))[0]
+    units = (ROUND_FIELDS.get(name) or MORE_ROUND_FIELDS.get(name, ("", "")))[0]
     text = name.replace("_", " ")
     if units == "1":
         return f"{text} (fraction)", units

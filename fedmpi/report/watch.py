@@ -35,8 +35,12 @@ def round_line(run: analysis.Run, i: int) -> str:
 
 
 def _identity(run: analysis.Run) -> tuple:
-    """What tells one run's file from another written later at the same path."""
-    return tuple(run.attrs.get(k) for k in ("created", "command", "config"))
+    """What tells one run's file from another written later at the same path.
+
+    Only the creation time: a resumed run updates config and command (a new
+    segment) but is the same run, so watching goes on.
+    """
+    return (run.attrs.get("created"),)
 
 
 def watch(path: str, interval: float = 5.0, stream=None,
