@@ -7,7 +7,7 @@ import time
 import traceback
 
 from fedmpi.errors import UserError
-from fedmpi.runtime import signals
+from fedmpi.runtime import signals, timings
 from fedmpi.runtime.signals import Interrupted
 
 
@@ -18,10 +18,14 @@ def main(argv: list[str] | None = None, comm=None) -> int:
     exits by itself); 128+N when stopped by signal N. Any other failure on any
     rank aborts the whole MPI job, so no rank is left waiting in a collective.
     """
-    from mpi4py import MPI
+    timings.mark("interpreter")
+    from mpi4py import MPI  # MPI_Init
 
+    timings.mark("MPI init")
     from fedmpi.config import build_parser, parse_args
     from fedmpi.runtime.loop import run
+
+    timings.mark("imports")
 
     comm = MPI.COMM_WORLD if comm is None else comm
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
     try:
         cfg = parse_args(argv)
         run(cfg, comm, argv)
+        timings.report(comm)
         return 0
     except UserError as e:
         if root:

@@ -34,7 +34,7 @@ from fedmpi.model.mlp import MLP
 from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
-from fedmpi.runtime import signals
+from fedmpi.runtime import signals, timings
 
 EVAL_CHUNK = 250  # test samples per evaluation chunk: fixed, so sums do not depend on ranks;
 # small, so the chunks spread evenly over many ranks
@@ -210,11 +210,13 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             error = str(e)
     C.agree(comm, error)
     cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
-
+    timings.mark("plan output")
     data, _keep_alive = _load_shared(cfg, comm)
+    timings.mark("data load")
     part = make_partition(cfg.partition, data.y_train, cfg.clients, seed=cfg.seed,
                           alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
                           natural_sizes=data.natural_sizes)
+    timings.mark("partition")
     sizes = part.sizes
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
@@ -224,6 +226,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
 
+    timings.mark("set-up")
     where = comm.gather(f"{os.getpid()}@{MPI.Get_processor_name()}", root=0)
     writer, first, error = None, 1, None
     if root:
@@ -245,6 +248,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
+    timings.mark("HDF5 create")
     first = comm.bcast(first, root=0)
     if first > 1:
         C.bcast(comm, params)  # the checkpoint's model, read by rank 0
@@ -253,6 +257,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     if root and time.perf_counter() - t_warm > 2.0:
         print(f"compiled the numba kernels in {time.perf_counter() - t_warm:.0f} s "
               "(cached for later runs)", flush=True)
+    timings.mark("numba warm-up")
     progress = Progress(cfg.rounds, first) if root else None
     finished = False
     try:
@@ -342,6 +347,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         writer.flush()
                 progress.round_done(rnd, test_acc, test_loss, train_loss, seconds)
         finished = True
+        timings.mark("rounds")
         shared.free()  # collective: only on the way out that every rank takes
     finally:
         if writer is not None:
@@ -350,3 +356,4 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             writer.close()
     if root:
         print(f"results written to {cfg.out}", flush=True)
+    timings.mark("close")
