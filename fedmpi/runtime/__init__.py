@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -61,3 +62,24 @@ def main(argv: list[str] | None = None, comm=None) -> int:
     if comm.size > 1:
         comm.Abort(status)  # the other ranks may be inside a collective
     return status
+
+
+def exit_process(status: int) -> None:
+    """End this rank now: flush output, finalize MPI, skip the interpreter's teardown.
+
+    Python's teardown after numba has loaded its kernels (LLVM, thousands of
+    objects to collect) took 0.3-0.7 s per rank, measured at 3 ranks on 2
+    cores, far longer than MPI_Finalize itself (~0.04 s). Every file fedmpi
+    writes is closed by the time main() returns, so nothing is lost by
+    skipping it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            pass
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(status)

@@ -195,8 +195,6 @@ class _Evaluator:
 
 def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     """Run the federated job described by `cfg` on `comm`."""
-    from fedmpi.results import ResultsWriter
-
     rank, size = comm.rank, comm.size
     root = rank == 0  # this rank aggregates, writes results and prints
     workers = list(range(1, size)) if size > 1 else [0]
@@ -231,6 +229,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     writer, first, error = None, 1, None
     if root:
         _print_config(cfg, data, model, size, where)
+        from fedmpi.results import ResultsWriter  # h5py: only the rank that writes imports it
+
         try:  # the path was checked, but creating the file can still fail (disk, name, race)
             if ckpt is not None:
                 writer, done, arrays = ResultsWriter.reopen(cfg.out)
