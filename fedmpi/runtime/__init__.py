@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
 
     timings.mark("MPI init")
     from fedmpi.config import build_parser, parse_args
+    from fedmpi.runtime.comm import Hung
     from fedmpi.runtime.loop import run
 
     timings.mark("imports")
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None, comm=None) -> int:
         if root:
             print(f"fedmpi: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Hung as e:  # on the rank that noticed: rank 0, or a worker if rank 0 is missing
+        print(f"fedmpi: {e}; finished rounds and the last checkpoint are in the results file "
+              "(continue with --resume)", file=sys.stderr, flush=True)
+        status = 1
     except Interrupted as e:
         if root:
             print(f"fedmpi: interrupted by {e}; finished rounds and the last checkpoint are in "

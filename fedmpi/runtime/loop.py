@@ -265,6 +265,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             writer.write_params("params", params)
             print(f"{cfg.out} already holds all {cfg.rounds} rounds", flush=True)
         for rnd in range(first, cfg.rounds + 1):
+            C.watch_round(comm, rnd, cfg.round_timeout)  # a rank that never arrives ends the job
             t0 = time.perf_counter()
             clients = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd)
             plan = schedule.assign(clients, sizes, len(workers))
@@ -347,6 +348,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         writer.flush()
                 progress.round_done(rnd, test_acc, test_loss, train_loss, seconds)
         finished = True
+        C.watch_round(comm, None)
         timings.mark("rounds")
         shared.free()  # collective: only on the way out that every rank takes
     finally:
