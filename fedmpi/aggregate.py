@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from fedmpi.jit import njit  # numba only where the kernels run (not on rank 0)
 
 _HEADROOM_BITS = 61
 

@@ -19,13 +19,13 @@ import shlex
 import sys
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
 
 import fedmpi
 from fedmpi import aggregate, algorithms, schedule
-from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.data import Dataset, load_dataset
 from fedmpi.data.partition import make_partition
@@ -35,6 +35,9 @@ from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
 from fedmpi.runtime import signals, timings
+
+if TYPE_CHECKING:
+    from fedmpi.client import LocalTrainer
 
 EVAL_CHUNK = 250  # test samples per evaluation chunk: fixed, so sums do not depend on ranks;
 # small, so the chunks spread evenly over many ranks
@@ -123,15 +126,17 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
 
     numba compiles on first call and caches the machine code on disk. Left
     to the first round, every rank of a node compiles the same kernels at
-    once (8 ranks on 2 cores: 38 s); here the node leader compiles and
-    writes the cache, then the other ranks load it. The calls train a
+    once (8 ranks on 2 cores: 38 s); here the node's first rank that trains
+    compiles and writes the cache, then the other ranks load it. The calls train a
     throwaway copy on two samples and draw from their own generator, so the
     run's results are untouched.
     """
     node = C.node_comm(comm)
+    runs = node.allgather(trainer is not None)  # rank 0 of several runs no kernels
+    first = runs.index(True) if True in runs else -1
     try:
         for turn in (True, False):
-            if (node.rank == 0) == turn:
+            if trainer is not None and (node.rank == first) == turn:
                 res = algo.client_update(trainer, params.copy(), indices[:2],
                                          np.random.default_rng(0))
                 acc = np.zeros(res.update.shape, np.int64)
@@ -169,15 +174,19 @@ class _Evaluator:
 
     Chunk boundaries do not depend on the number of ranks, each chunk's loss
     is summed in a fixed order, and rank 0 adds the chunks in chunk order:
-    the same numbers for any rank count.
+    the same numbers for any rank count. The chunks go to the ranks that
+    train (rank 0 alone, or ranks 1..size-1), so rank 0 of several ranks
+    runs no kernels.
     """
 
-    def __init__(self, comm: MPI.Comm, trainer: LocalTrainer, num_test: int):
+    def __init__(self, comm: MPI.Comm, trainer: LocalTrainer | None, num_test: int,
+                 workers: list[int]):
         self.comm = comm
         self.trainer = trainer
         self.num_test = num_test
         self.starts = np.arange(0, num_test, EVAL_CHUNK)
-        self.mine = [i for i in range(len(self.starts)) if i % comm.size == comm.rank]
+        w = workers.index(comm.rank) if comm.rank in workers else -1
+        self.mine = [i for i in range(len(self.starts)) if i % len(workers) == w]
 
     def __call__(self, params: np.ndarray) -> tuple[float, float]:
         part = np.zeros((len(self.starts), 2), np.float64)
@@ -219,8 +228,15 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
-    trainer = LocalTrainer(cfg, model, data)
-    evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
+    trainer = None
+    if rank in workers:  # rank 0 of several ranks runs no kernels: it never imports numba
+        from fedmpi.jit import load_numba
+
+        load_numba()
+        from fedmpi.client import LocalTrainer
+
+        trainer = LocalTrainer(cfg, model, data)
+    evaluate = _Evaluator(comm, trainer, data.x_test.shape[0], workers)
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
 
