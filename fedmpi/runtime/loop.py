@@ -120,6 +120,17 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
     return data, handle
 
 
+def _trainer(cfg: Config, model: MLP, data: Dataset) -> LocalTrainer:
+    """The kernels' host on a rank that trains: the only place the runtime loads numba
+    (~0.7 s a process), so rank 0 of several ranks, which runs no kernels, never does."""
+    from fedmpi.jit import load_numba
+
+    load_numba()
+    from fedmpi.client import LocalTrainer
+
+    return LocalTrainer(cfg, model, data)
+
+
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
              indices: np.ndarray) -> None:
     """Compile every kernel the run uses, one rank of each node at a time.
@@ -228,14 +239,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
-    trainer = None
-    if rank in workers:  # rank 0 of several ranks runs no kernels: it never imports numba
-        from fedmpi.jit import load_numba
-
-        load_numba()
-        from fedmpi.client import LocalTrainer
-
-        trainer = LocalTrainer(cfg, model, data)
+    trainer = _trainer(cfg, model, data) if rank in workers else None
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0], workers)
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
