@@ -271,16 +271,18 @@ def launch(ranks: int, argv: list[str]) -> list[str]:
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd` to its end: wall seconds, and when (time.time()) each stdout line came."""
+    cpu0 = children_cpu_seconds()
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, env=env, preexec_fn=_renice)
     lines = [(time.time(), line) for line in proc.stdout]
     rc = proc.wait()
     end = time.time()
+    cpu = children_cpu_seconds() - cpu0
     if rc != 0:
         sys.exit(f"bench_run: {' '.join(cmd)}\nexited with status {rc}:\n"
                  + "".join(line for _, line in lines)[-3000:])
-    return {"t0": t0, "wall": end - t0, "end": end, "lines": lines}
+    return {"t0": t0, "wall": end - t0, "end": end, "lines": lines, "cpu": cpu}
 
 
 def fedmpi_startup(ranks: int, out: str, data_dir: str | None) -> dict:
@@ -304,7 +306,7 @@ def fedmpi_startup(ranks: int, out: str, data_dir: str | None) -> dict:
         per_rank.append(row)
     per_rank[0]["exit"] = res["end"] - stamp
     return {"wall": res["wall"], "outside": res["wall"] - rounds, "phases": phases,
-            "per_rank": per_rank}
+            "per_rank": per_rank, "cpu": res["cpu"]}
 
 
 def torch_note() -> str:
@@ -326,17 +328,19 @@ def startup_section(ranks: list[int], repeat: int, workdir: str, data_dir: str |
     bare_ranks = 3
     floors = {k: [] for k in ranks}
     jobs = {k: [] for k in ranks}
-    bare = []
+    bare, bare_cpu = [], []
     print()
     print(f"Start-up and shut-down: a 1-round job vs the floor, {repeat} interleaved repeat(s)")
     for rep in range(repeat):
         for k in ranks:
             wait_quiet()
-            floors[k].append(timed(launch(k, [sys.executable, floor]), env)["wall"])
+            floors[k].append(timed(launch(k, [sys.executable, floor]), env))
             jobs[k].append(fedmpi_startup(k, os.path.join(workdir, f"startup-{k}.h5"), data_dir))
-        bare.append(timed(launch(bare_ranks, BARE))["wall"])
+        res = timed(launch(bare_ranks, BARE))
+        bare.append(res["wall"])
+        bare_cpu.append(res["cpu"])
         print(f"  repeat {rep + 1}/{repeat}: " + ", ".join(
-            f"{k} rank(s) floor {floors[k][-1]:.2f} s, fedmpi {jobs[k][-1]['wall']:.2f} s "
+            f"{k} rank(s) floor {floors[k][-1]['wall']:.2f} s, fedmpi {jobs[k][-1]['wall']:.2f} s "
             f"(outside the round {jobs[k][-1]['outside']:.2f} s)" for k in ranks)
             + f"; bare mpiexec -n {bare_ranks} {bare[-1]:.2f} s", flush=True)
 
@@ -345,22 +349,31 @@ def startup_section(ranks: list[int], repeat: int, workdir: str, data_dir: str |
 
     print()
     print(f"{'ranks':>5} {'floor s':>17} {'fedmpi 1-round s':>17} {'outside round s':>17} "
-          f"{'job/floor':>17} {'outside/floor':>17}")
+          f"{'job/floor':>17} {'outside/floor':>17} {'CPU s floor':>17} {'CPU s job':>17} "
+          f"{'CPU job/floor':>17}")
     for k in ranks:
+        fw = [f["wall"] for f in floors[k]]
+        fc = [f["cpu"] for f in floors[k]]
         walls = [j["wall"] for j in jobs[k]]
         outs = [j["outside"] for j in jobs[k]]
-        print(f"{k:>5} {rng(floors[k]):>17} {rng(walls):>17} {rng(outs):>17} "
-              f"{rng([w / f for w, f in zip(walls, floors[k])]):>17} "
-              f"{rng([o / f for o, f in zip(outs, floors[k])]):>17}")
+        cpus = [j["cpu"] for j in jobs[k]]
+        print(f"{k:>5} {rng(fw):>17} {rng(walls):>17} {rng(outs):>17} "
+              f"{rng([w / f for w, f in zip(walls, fw)]):>17} "
+              f"{rng([o / f for o, f in zip(outs, fw)]):>17} {rng(fc):>17} {rng(cpus):>17} "
+              f"{rng([j / f for j, f in zip(cpus, fc)]):>17}")
     print(f"bare `mpiexec -n {bare_ranks} python -c \"from mpi4py import MPI; import numpy\"`: "
-          f"{rng(bare)} s", end="")
+          f"{rng(bare)} s ({rng(bare_cpu)} CPU s)", end="")
     if bare_ranks in jobs:
         walls = [j["wall"] for j in jobs[bare_ranks]]
-        print(f"; fedmpi's 1-round job at -n {bare_ranks} takes "
-              f"{rng([w / b for w, b in zip(walls, bare)])}x that")
+        cpus = [j["cpu"] for j in jobs[bare_ranks]]
+        print(f";\n  fedmpi's 1-round job at -n {bare_ranks} takes "
+              f"{rng([w / b for w, b in zip(walls, bare)])}x its wall time, "
+              f"{rng([c / b for c, b in zip(cpus, bare_cpu)])}x its CPU time")
     print("""  floor       mpiexec + python importing mpi4py (MPI init), NumPy and numba and calling
               one cached @njit function: what any program on this stack pays
   outside     the 1-round job's wall time minus its /rounds/seconds
+  CPU s       CPU time of all the command's processes (mpiexec included): unlike wall
+              time, hardly changed by other load on the machine
   ratios are per repeat (the floor and the job ran back to back), median (min-max)""")
 
     for k in ranks:
