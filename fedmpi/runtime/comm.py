@@ -298,5 +298,7 @@ class NodeShared:
         # the next round's first write to it comes after sum_to_root's fence
 
     def free(self) -> None:
+        # MPI_Win_free would spin while rank 0 writes the last round: sleep instead
+        wait(self.node.Ibarrier())
         self.win.Unlock_all()
         self.win.Free()

@@ -240,6 +240,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
     trainer = _trainer(cfg, model, data) if rank in workers else None
+    C.barrier(comm)  # rank 0 sleeps while the others load numba (MPI_Win_allocate would spin)
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0], workers)
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
