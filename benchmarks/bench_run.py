@@ -39,6 +39,7 @@ Needs mpiexec (the mpich wheel's, next to the venv's python, or on PATH).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -242,6 +243,166 @@ def run_pair(out_dir: str, rounds: int, data_dir: str | None) -> tuple[list[floa
     return [float(np.median(read_results(o)["round_seconds"][1:])) for o in outs], foreign
 
 
+# The floor of any mpi4py + NumPy + numba program: start Python, initialise
+# MPI, import NumPy and numba, call one cached @njit function, exit.
+FLOOR_SCRIPT = """\
+from mpi4py import MPI
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def total(x):
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += x[i]
+    return s
+
+
+total(np.ones(4))
+"""
+BARE = [sys.executable, "-c", "from mpi4py import MPI; import numpy"]
+TIMINGS = "fedmpi-timings: "  # rank 0's line with every rank's marks (FEDMPI_TIMINGS=1)
+
+
+def launch(ranks: int, argv: list[str]) -> list[str]:
+    return argv if ranks == 1 else [find_mpiexec("bench_run"), "-n", str(ranks), *argv]
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run `cmd` to its end: wall seconds, and when (time.time()) each stdout line came."""
+    cpu0 = children_cpu_seconds()
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, env=env, preexec_fn=_renice)
+    lines = [(time.time(), line) for line in proc.stdout]
+    rc = proc.wait()
+    end = time.time()
+    cpu = children_cpu_seconds() - cpu0
+    if rc != 0:
+        sys.exit(f"bench_run: {' '.join(cmd)}\nexited with status {rc}:\n"
+                 + "".join(line for _, line in lines)[-3000:])
+    return {"t0": t0, "wall": end - t0, "end": end, "lines": lines, "cpu": cpu}
+
+
+def fedmpi_startup(ranks: int, out: str, data_dir: str | None) -> dict:
+    """A 1-round job with FEDMPI_TIMINGS=1: wall, outside the round, per-rank phases."""
+    env = dict(os.environ, FEDMPI_TIMINGS="1")
+    res = timed(command(ranks, out, 1, data_dir), env)
+    stamp, marks = next((t, json.loads(line[len(TIMINGS):])) for t, line in res["lines"]
+                        if line.startswith(TIMINGS))
+    with h5py.File(out, "r", locking=False) as f:
+        rounds = float(f["rounds"]["seconds"][()].sum())
+    phases = [name for name, _ in marks[0][1:]]
+    per_rank = []  # rank -> {phase: seconds}
+    for rank_marks in marks:
+        times = dict(rank_marks[1:])
+        prev, row = rank_marks[0][1], {}
+        for name, t in rank_marks[1:]:
+            row[name] = t - prev
+            prev = t
+        row["launch"] = rank_marks[0][1] - res["t0"]  # mpiexec until this process started
+        row["exit"] = res["end"] - times["end"]  # gather, print, MPI finalize, exit
+        per_rank.append(row)
+    per_rank[0]["exit"] = res["end"] - stamp
+    return {"wall": res["wall"], "outside": res["wall"] - rounds, "phases": phases,
+            "per_rank": per_rank, "cpu": res["cpu"]}
+
+
+def torch_note() -> str:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "torch is not importable here: no plain PyTorch FedAvg loop to compare with"
+    return "torch is importable, but the PyTorch FedAvg comparison is not implemented yet"
+
+
+def startup_section(ranks: list[int], repeat: int, workdir: str, data_dir: str | None) -> None:
+    """Start-up + shut-down of a 1-round fedmpi job against the floor, interleaved."""
+    floor = os.path.join(workdir, "floor.py")
+    with open(floor, "w") as fh:
+        fh.write(FLOOR_SCRIPT)
+    env = dict(os.environ, **{v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                               "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
+    timed([sys.executable, floor], env)  # compiles and caches `total`
+    bare_ranks = 3
+    floors = {k: [] for k in ranks}
+    jobs = {k: [] for k in ranks}
+    bare, bare_cpu = [], []
+    print()
+    print(f"Start-up and shut-down: a 1-round job vs the floor, {repeat} interleaved repeat(s)")
+    for rep in range(repeat):
+        for k in ranks:
+            wait_quiet()
+            floors[k].append(timed(launch(k, [sys.executable, floor]), env))
+            jobs[k].append(fedmpi_startup(k, os.path.join(workdir, f"startup-{k}.h5"), data_dir))
+        res = timed(launch(bare_ranks, BARE))
+        bare.append(res["wall"])
+        bare_cpu.append(res["cpu"])
+        print(f"  repeat {rep + 1}/{repeat}: " + ", ".join(
+            f"{k} rank(s) floor {floors[k][-1]['wall']:.2f} s, fedmpi {jobs[k][-1]['wall']:.2f} s "
+            f"(outside the round {jobs[k][-1]['outside']:.2f} s)" for k in ranks)
+            + f"; bare mpiexec -n {bare_ranks} {bare[-1]:.2f} s", flush=True)
+
+    def rng(xs):
+        return f"{statistics.median(xs):5.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+    print()
+    print(f"{'ranks':>5} {'floor s':>17} {'fedmpi 1-round s':>17} {'outside round s':>17} "
+          f"{'job/floor':>17} {'outside/floor':>17} {'CPU s floor':>17} {'CPU s job':>17} "
+          f"{'CPU job/floor':>17}")
+    for k in ranks:
+        fw = [f["wall"] for f in floors[k]]
+        fc = [f["cpu"] for f in floors[k]]
+        walls = [j["wall"] for j in jobs[k]]
+        outs = [j["outside"] for j in jobs[k]]
+        cpus = [j["cpu"] for j in jobs[k]]
+        print(f"{k:>5} {rng(fw):>17} {rng(walls):>17} {rng(outs):>17} "
+              f"{rng([w / f for w, f in zip(walls, fw)]):>17} "
+              f"{rng([o / f for o, f in zip(outs, fw)]):>17} {rng(fc):>17} {rng(cpus):>17} "
+              f"{rng([j / f for j, f in zip(cpus, fc)]):>17}")
+    print(f"bare `mpiexec -n {bare_ranks} python -c \"from mpi4py import MPI; import numpy\"`: "
+          f"{rng(bare)} s ({rng(bare_cpu)} CPU s)", end="")
+    if bare_ranks in jobs:
+        walls = [j["wall"] for j in jobs[bare_ranks]]
+        cpus = [j["cpu"] for j in jobs[bare_ranks]]
+        print(f";\n  fedmpi's 1-round job at -n {bare_ranks} takes "
+              f"{rng([w / b for w, b in zip(walls, bare)])}x its wall time, "
+              f"{rng([c / b for c, b in zip(cpus, bare_cpu)])}x its CPU time")
+    print("""  floor       mpiexec + python importing mpi4py (MPI init), NumPy and numba and calling
+              one cached @njit function: what any program on this stack pays
+  outside     the 1-round job's wall time minus its /rounds/seconds
+  CPU s       CPU time of all the command's processes (mpiexec included): unlike wall
+              time, hardly changed by other load on the machine
+  ratios are per repeat (the floor and the job ran back to back), median (min-max)""")
+
+    for k in ranks:
+        phases = ["launch", *jobs[k][0]["phases"], "exit"]
+        print()
+        print(f"Per-rank breakdown at {k} rank(s), seconds (median of {repeat}; FEDMPI_TIMINGS=1):")
+        print(f"{'phase':<14}" + "".join(f"{'rank ' + str(r):>8}" for r in range(k)))
+        for ph in phases:
+            vals = [statistics.median(j["per_rank"][r].get(ph, float("nan")) for j in jobs[k])
+                    for r in range(k)]
+            print(f"{ph:<14}" + "".join(f"{v:>8.3f}" for v in vals))
+    print("""  launch        from starting mpiexec (or python) to this rank's process start
+  interpreter   Python start-up until fedmpi's main() runs
+  MPI init      import of mpi4py.MPI (MPI_Init)
+  imports       NumPy, numba (rank that trains) and fedmpi's modules
+  plan output   rank 0 checks the results path; every rank agrees on errors
+  data load     the node leader reads (or decompresses) the data set into shared memory
+  partition     clients' sample indices (every rank, same result)
+  set-up        model, trainer, shared windows
+  HDF5 create   rank 0 creates the results file (others wait for its verdict)
+  numba warm-up the kernels this run uses: cache load (or compile), node leader first
+  rounds        the job's one round
+  close         results file closed, shared windows freed
+  end           gathering these timings
+  exit          until the whole command ended: MPI finalize and interpreter exit
+                (rank 0: from its timings line to the command's end)""")
+    print(torch_note())
+
+
 def fmt_ratio(value: float, target: float, at_least: bool) -> str:
     ok = value >= target if at_least else value <= target
     return f"{value:.2f}x (target {'>=' if at_least else '<='} {target:.2f}x)  {'PASS' if ok else 'FAIL'}"
@@ -269,6 +430,12 @@ def main() -> int:
                    "this keeps other jobs from taking the cores; the runs still report how much "
                    "CPU others got (default 0)")
     p.add_argument("--workdir", help="where to put results files (default: a temporary directory)")
+    p.add_argument("--startup-repeat", type=int, default=3, metavar="N",
+                   help="interleaved repeats of the start-up comparison: a 1-round job against "
+                   "the floor (python + MPI init + NumPy + numba + one cached @njit call) at "
+                   "each rank count (default 3; 0 = skip)")
+    p.add_argument("--startup-only", action="store_true",
+                   help="only the start-up comparison, not the round timings")
     args = p.parse_args()
     ranks = [int(x) for x in args.ranks.split(",")]
     global NICE
@@ -296,6 +463,13 @@ def main() -> int:
     run_job(1, os.path.join(workdir, "warmup.h5"), 2, args.data_dir,
             os.path.join(workdir, "warmup.log"))
     print(f"warm-up run (1 process, 2 rounds): {time.perf_counter() - t:.1f} s")
+
+    if args.startup_repeat > 0:
+        startup_section(ranks, args.startup_repeat, workdir, args.data_dir)
+    if args.startup_only:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
 
     pair = None
     if not args.no_calibrate:

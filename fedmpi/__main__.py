@@ -1,7 +1,6 @@
 """``python -m fedmpi``: one federated training job (see --help)."""
 
 import os
-import sys
 
 # One compute thread per rank unless the user says otherwise: with several
 # ranks per node, numba/OpenBLAS/OpenMP's default of one thread per core
@@ -9,7 +8,7 @@ import sys
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from fedmpi.runtime import main  # noqa: E402
+from fedmpi.runtime import exit_process, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from fedmpi.jit import njit  # numba only where the kernels run (not on rank 0)
 
 HEADROOM_BITS = 61
 BLOCK = 1024  # coordinates per scale: 1/1024 of the model's size in agreed bounds

@@ -157,6 +157,10 @@ class Config:
     checkpoint_every: int = field(default=1, metadata=_opt(
         "store a checkpoint in the results file every N rounds (a model's worth of data; "
         "cheap) and after the last"))
+    round_timeout: float = field(default=0.0, metadata=_opt(
+        "abort the job (status 1, finished rounds kept) when a rank has not reached a round's "
+        "collectives after this many seconds; 0 = auto: max(60, 10 x the median round), "
+        "from round 4 on"))
     resume: str | None = field(default=None, metadata=_opt(
         "continue the run in results file PATH from its last checkpoint; 'auto' = continue "
         "--out if it has a checkpoint, else start afresh"))
@@ -190,7 +194,7 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 # Settings that say where and how a run is executed, not what it computes: they
 # never make two runs different (analysis, sweeps) and may change on resume.
-EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
+EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every", "round_timeout")
 # ... and more rounds extend a finished run.
 RESUMABLE = frozenset(EXECUTION_KEYS + ("rounds",))
 
@@ -277,6 +281,8 @@ def validate(cfg: Config) -> Config:
          "--synthetic-alpha and --synthetic-beta must be non-negative")
     need(cfg.eval_every >= 1, f"--eval-every must be at least 1 (got {cfg.eval_every})")
     need(cfg.seed >= 0, f"--seed must be non-negative (got {cfg.seed})")
+    need(cfg.round_timeout >= 0, f"--round-timeout must be 0 (auto) or a number of seconds "
+         f"(got {cfg.round_timeout})")
     need(cfg.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every})")
     need(cfg.resume != "auto" or cfg.out is not None,
          "--resume auto needs --out PATH: the file to continue if it has a checkpoint")

@@ -304,3 +304,16 @@ def numba_warm(tmp_path_factory, small_npz):
              "--rounds", "1", "--hidden", "8", "--algorithm", "fedsgd"])):
         res = launch_fedmpi(args + ["--out", str(d / f"warm{i}.h5")], timeout=600, cwd=d)
         assert res.returncode == 0, describe(res)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The IDX decompression cache of this test session, not the user's
+    ($XDG_CACHE_HOME; the fedmpi subprocesses inherit it)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

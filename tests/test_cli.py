@@ -55,6 +55,10 @@ def case_rounds_negative(d):
     return ["--rounds", "-1"], ["--rounds"]
 
 
+def case_round_timeout_negative(d):
+    return ["--round-timeout", "-5"], ["--round-timeout", "-5"]
+
+
 def case_rounds_not_int(d):
     return ["--rounds", "abc"], ["--rounds", "abc"]
 

@@ -70,6 +70,55 @@ def test_idx_roundtrip(tmp_path, gz):
     assert d.natural_sizes is None
 
 
+def _assert_loaded(d: Dataset, arrays) -> None:
+    np.testing.assert_array_equal(d.x_train, arrays[("train", "images")].reshape(len(d.x_train), -1))
+    np.testing.assert_array_equal(d.y_train, arrays[("train", "labels")])
+    np.testing.assert_array_equal(d.x_test, arrays[("test", "images")].reshape(len(d.x_test), -1))
+    np.testing.assert_array_equal(d.y_test, arrays[("test", "labels")])
+
+
+def test_idx_gz_cache(tmp_path, monkeypatch):
+    """A .gz file is decompressed once into $XDG_CACHE_HOME/fedmpi/idx; a replaced
+    source is never served from its predecessor's copy, whose file is removed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "fedmpi" / "idx"
+    arrays = write_idx_set(tmp_path / "d", gz=True, seed=3)
+    _assert_loaded(load_idx_dir(tmp_path / "d"), arrays)
+    names = sorted(os.listdir(cache))
+    assert len(names) == 4 and not any(n.startswith(".tmp") for n in names)
+    for base in FILES.values():  # each copy is the decompressed source, byte for byte
+        [name] = [n for n in names if n.startswith(base + "-")]
+        src = tmp_path / "d" / (base + ".gz")
+        assert (cache / name).read_bytes() == gzip.decompress(src.read_bytes())
+    d = load_idx_dir(tmp_path / "d")  # from the cache
+    _assert_loaded(d, arrays)
+    assert d.x_train.flags.writeable
+    # a new download with other contents (and size) in the same place
+    arrays = write_idx_set(tmp_path / "d", gz=True, seed=4, n_train=13)
+    _assert_loaded(load_idx_dir(tmp_path / "d"), arrays)
+    assert len(os.listdir(cache)) == 4 and sorted(os.listdir(cache)) != names
+
+
+def test_idx_gz_cache_damaged_copy_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    arrays = write_idx_set(tmp_path / "d", gz=True, seed=5)
+    load_idx_dir(tmp_path / "d")
+    cache = tmp_path / "cache" / "fedmpi" / "idx"
+    for name in os.listdir(cache):  # cut every copy short
+        data = (cache / name).read_bytes()
+        (cache / name).write_bytes(data[:-3])
+    _assert_loaded(load_idx_dir(tmp_path / "d"), arrays)
+
+
+def test_idx_gz_cache_unwritable(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    arrays = write_idx_set(tmp_path / "d", gz=True, seed=6)
+    _assert_loaded(load_idx_dir(tmp_path / "d"), arrays)  # decompressed in memory
+    assert blocker.read_text().startswith("a file")
+
+
 def test_idx_prefers_raw_over_gz(tmp_path):
     raw = write_idx_set(tmp_path, gz=False, seed=1)
     write_idx_set(tmp_path, gz=True, seed=2)

@@ -27,7 +27,7 @@ from conftest import (MPIEXEC, REPO, SMALL_SYNTHETIC, describe, fedmpi_lines, la
 from fedmpi.config import Config
 from fedmpi.data import load_dataset
 from fedmpi.model.mlp import MLP
-from fedmpi.results import read_run
+from fedmpi.results import read_checkpoint, read_run
 from fedmpi.rng import generator
 
 CONFIGS = {
@@ -362,6 +362,32 @@ def test_killed_worker_ends_job(start_fedmpi, tmp_path, numba_warm):
     assert status != 0, job.describe()
     check_readable(out, 2)
     assert not leftover_processes(job.token)
+
+
+@requires_mpiexec
+def test_hung_rank_ends_job(run_fedmpi, tmp_path, numba_warm):
+    """A rank that never reaches round 3's collectives (the FEDMPI_TEST_HANG_RANK
+    hook puts it to sleep for an hour) ends the job after --round-timeout: status
+    1, one line naming the round and the rank, rounds 1-2 and their checkpoint
+    kept, and the run resumes from there."""
+    out = tmp_path / "run.h5"
+    args = SMALL_SYNTHETIC + ["--rounds", "5", "--round-timeout", "2", "--out", out]
+    t0 = time.monotonic()
+    res = run_fedmpi(args, ranks=3, timeout=60, env={"FEDMPI_TEST_HANG_RANK": "2:3"})
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 1, describe(res)
+    assert elapsed < 30, f"{elapsed:.1f} s"
+    ours = [line for line in res.stderr.splitlines() if line.startswith("fedmpi:")]
+    assert ours == [ours[0]] and "Traceback" not in res.stderr, describe(res)
+    assert ours[0].startswith("fedmpi: round 3: rank(s) 2 did not arrive within 2 s"), describe(res)
+    assert not leftover_processes(res.token)
+    run = check_readable(out, 2)
+    np.testing.assert_array_equal(run["rounds"]["round"], [1, 2])
+    _, done, arrays = read_checkpoint(str(out))
+    assert done == 2 and "params" in arrays
+    res = run_fedmpi(args[:-2] + ["--resume", out], ranks=3, timeout=60)
+    assert res.returncode == 0, describe(res)
+    np.testing.assert_array_equal(read_run(str(out))["rounds"]["round"], [1, 2, 3, 4, 5])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

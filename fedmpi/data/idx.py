@@ -7,6 +7,10 @@ dimensions -- followed by one big-endian uint32 per dimension and then the
 payload in C order.  So images are magic 0x00000803 with dimensions
 (count, rows, cols) and labels are magic 0x00000801 with dimension (count,).
 
+A .gz file is decompressed once into a per-user cache
+($XDG_CACHE_HOME/fedmpi/idx, default ~/.cache/fedmpi/idx) and read from there
+afterwards: gunzipping Fashion-MNIST's 30 MB took ~0.65 s on every start.
+
 Every way a file can be wrong (missing, not gzip, cut short, wrong kind of
 file, labels that are not digits) becomes a ``UserError`` naming the file,
 because in practice these are interrupted downloads, not programming errors.
@@ -15,7 +19,10 @@ because in practice these are interrupted downloads, not programming errors.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import struct
+import tempfile
 import zlib
 
 import numpy as np
@@ -96,13 +103,95 @@ def find_files(name: str, data_dir: str | None) -> dict[tuple[str, str], str]:
     )
 
 
-def _read_bytes(path: str) -> bytes:
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fedmpi", "idx")
+
+
+def _cache_name(path: str, st: os.stat_result) -> tuple[str, str]:
+    """(prefix shared by every version of `path`, full name of this version) in the cache.
+
+    The source's path, size and modification time are in the name, so a
+    replaced or re-downloaded file never meets the copy of its predecessor.
+    """
+    where = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    prefix = f"{os.path.basename(path)[:-3]}-{where}-"
+    return prefix, f"{prefix}{st.st_size}-{st.st_mtime_ns}"
+
+
+def _gzip_size(path: str) -> int:
+    """The uncompressed size modulo 2**32, from the gzip trailer (ISIZE)."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
+
+
+def _read_file(path: str) -> bytearray:
+    """A file's bytes in writable memory (which numpy can then use without a copy)."""
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        n = f.readinto(data)
+    return data if n == len(data) else data[:n]
+
+
+def _read_cached(path: str) -> bytearray | None:
+    """The cached decompression of gzip file `path`, if there is a complete one."""
+    try:
+        _, name = _cache_name(path, os.stat(path))
+        data = _read_file(os.path.join(_cache_dir(), name))
+        if len(data) % 2**32 != _gzip_size(path):
+            return None  # not what this file decompresses to: decompress afresh
+        return data
+    except OSError:
+        return None
+
+
+def _write_cached(path: str, st: os.stat_result, data: bytes) -> None:
+    """Store `data` as the decompression of `path`; silently skip if the cache is unwritable.
+
+    Written to a temporary file and renamed into place, so concurrent jobs
+    only ever see complete copies; older copies of the same source are removed
+    (a job still reading one keeps its open file).
+    """
+    directory = _cache_dir()
+    prefix, name = _cache_name(path, st)
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(directory, name))
+        tmp = None
+        for other in os.listdir(directory):
+            if other.startswith(prefix) and other != name:
+                os.unlink(os.path.join(directory, other))
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _gunzip(path: str) -> bytes | bytearray:
+    cached = _read_cached(path)
+    if cached is not None:
+        return cached
+    st = os.stat(path)
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    _write_cached(path, st, data)
+    return data
+
+
+def _read_bytes(path: str) -> bytes | bytearray:
     try:
         if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
+            return _gunzip(path)
+        return _read_file(path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         # EOFError is what an interrupted download looks like; the others are
         # a damaged or mislabelled file.
@@ -145,9 +234,10 @@ def read_images(path: str) -> np.ndarray:
     """(n, rows*cols) uint8 pixels of an IDX image file."""
     dims, flat = _parse(path, IMAGES_MAGIC, "images")
     n, rows, cols = dims
-    # frombuffer gives a read-only view of an immutable bytes object; a copy
-    # owns writable memory, which MPI receive/broadcast buffers require.
-    return flat.reshape(n, rows * cols).copy()
+    # MPI receive/broadcast buffers must be writable: a view of a bytearray
+    # is; one of an immutable bytes object (a fresh gunzip) needs a copy.
+    images = flat.reshape(n, rows * cols)
+    return images if images.flags.writeable else images.copy()
 
 
 def read_labels(path: str) -> np.ndarray:

@@ -10,11 +10,18 @@ sleep up to 1 ms a time; moving a model between ranks that are all present
 takes many progress steps, each needing every rank awake, so those sleeps
 stay below 50 us (measured, 8 ranks on 2 cores: 1 ms caps made the round's
 reduce and broadcast take 70 ms instead of about 10).
+
+`wait` is also where a hung rank is caught: `watch_round` arms a deadline
+for the round (--round-timeout), and a rank whose wait outlives it reports
+"I am here" to rank 0 with a small point-to-point message; a little later
+rank 0 names the ranks that did not report and the job ends (status 1)
+instead of waiting forever. Nothing is sent while rounds finish in time.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import numpy as np
@@ -27,12 +34,112 @@ LONG = 1e-3  # back-off cap while other ranks compute
 SHORT = 5e-5  # back-off cap while data moves between ranks that are all here
 
 
+class Hung(Exception):
+    """Some rank did not reach the round's collectives within --round-timeout."""
+
+
+AUTO_MIN = 60.0  # --round-timeout 0 (auto): never below this many seconds,
+AUTO_FACTOR = 10.0  # else this many times the median round so far,
+AUTO_AFTER = 3  # once this many rounds have been timed (before that: unwatched)
+_TAG_HERE = 0x7ED0  # point-to-point tag of "I am waiting in round r" to rank 0
+
+
+class _Watch:
+    """The armed round: its deadline, and what has been reported about it."""
+
+    def __init__(self):
+        self.comm = None
+        self.round = 0
+        self.timeout = 0.0
+        self.deadline = None  # time.monotonic() after which a wait reports / gives up
+        self.reported = False
+        self.sends = []  # pending "here" messages (kept until they complete)
+        self.started = None  # monotonic time the previous round started
+        self.durations = []  # seconds of each finished round on this rank
+
+    def grace(self) -> float:
+        """How long after the deadline rank 0 waits for reports before it judges."""
+        return min(5.0, max(0.5, 0.1 * self.timeout))
+
+    def check(self) -> None:
+        """Called by a waiting rank; raises Hung once the round is judged hung."""
+        now = time.monotonic()
+        if now < self.deadline:
+            return
+        comm = self.comm
+        if comm.rank != 0:
+            if not self.reported:
+                self.sends.append(comm.isend(self.round, dest=0, tag=_TAG_HERE))
+                self.reported = True
+            if now > self.deadline + max(3 * self.grace(), 0.5 * self.timeout):
+                # rank 0 has not ended the job by now: it is the one missing
+                raise Hung(f"round {self.round}: rank 0 did not arrive within "
+                           f"{self.timeout:.0f} s (--round-timeout); aborting the job")
+            return
+        if now < self.deadline + self.grace():
+            return
+        here = set()
+        status = MPI.Status()
+        while comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_HERE, status=status):
+            src = status.Get_source()
+            if comm.recv(source=src, tag=_TAG_HERE) == self.round:
+                here.add(src)
+        missing = [r for r in range(1, comm.size) if r not in here]
+        who = (f"rank(s) {', '.join(map(str, missing))} did not arrive" if missing else
+               "every rank arrived but the round's collectives did not finish")
+        raise Hung(f"round {self.round}: {who} within {self.timeout:.0f} s "
+                   "(--round-timeout); aborting the job")
+
+
+_watch = _Watch()
+
+
+def watch_round(comm: MPI.Comm, rnd: int | None, timeout: float = 0.0) -> None:
+    """Arm the watchdog for round `rnd` (None: disarm). timeout 0 = automatic.
+
+    Automatic: max(AUTO_MIN, AUTO_FACTOR x the median of this rank's rounds so
+    far), from the round after AUTO_AFTER timed rounds on.
+    """
+    w = _watch
+    now = time.monotonic()
+    if w.started is not None and w.comm is comm:
+        w.durations.append(now - w.started)
+    w.comm, w.started, w.reported = comm, now, False
+    w.deadline = None
+    if rnd is None or comm.size == 1:  # alone, nobody can be waited for
+        w.started = None
+        return
+    if timeout > 0:
+        w.timeout = timeout
+    elif len(w.durations) >= AUTO_AFTER:
+        w.timeout = max(AUTO_MIN, AUTO_FACTOR * statistics.median(w.durations))
+    else:
+        w.timeout = 0.0
+    w.round = rnd
+    if w.timeout > 0:
+        w.deadline = now + w.timeout
+    _test_hang(comm.rank, rnd)
+
+
+def _test_hang(rank: int, rnd: int) -> None:
+    """Test hook: FEDMPI_TEST_HANG_RANK=R:N makes rank R hang at the start of round N."""
+    spec = os.environ.get("FEDMPI_TEST_HANG_RANK")
+    if spec and spec == f"{rank}:{rnd}":
+        time.sleep(3600)
+
+
 def wait(req: MPI.Request, cap: float = LONG) -> None:
-    """Complete `req`, giving the core back while it is pending."""
+    """Complete `req`, giving the core back while it is pending.
+
+    Raises Hung if the armed round's deadline passes (see watch_round).
+    """
     delay = _MIN_SLEEP
+    watch = _watch if _watch.deadline is not None else None
     while not req.Test():
         time.sleep(delay)
         delay = min(2 * delay, cap)
+        if watch is not None:
+            watch.check()
 
 
 def barrier(comm: MPI.Comm) -> None:
@@ -234,5 +341,7 @@ class NodeShared:
         # the next round's first write to it comes after sum_to_root's fence
 
     def free(self) -> None:
+        # MPI_Win_free would spin while rank 0 writes the last round: sleep instead
+        wait(self.node.Ibarrier())
         self.win.Unlock_all()
         self.win.Free()

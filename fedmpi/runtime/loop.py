@@ -26,6 +26,7 @@ import shlex
 import sys
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
@@ -33,7 +34,6 @@ from mpi4py import MPI
 import fedmpi
 from fedmpi import aggregate, algorithms, schedule
 from fedmpi import pipeline as update_pipeline
-from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.config import warnings as config_warnings
 from fedmpi.data import Dataset, load_dataset
@@ -44,7 +44,10 @@ from fedmpi.model.mlp import MLP
 from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
-from fedmpi.runtime import signals
+from fedmpi.runtime import signals, timings
+
+if TYPE_CHECKING:
+    from fedmpi.client import LocalTrainer
 
 EVAL_CHUNK = 250  # test samples per evaluation chunk: fixed, so sums do not depend on ranks;
 # small, so the chunks spread evenly over many ranks
@@ -169,21 +172,34 @@ def _solve_noise(cfg: Config, comm: MPI.Comm) -> Config:
     return dataclasses.replace(cfg, dp_noise_multiplier=comm.bcast(z, root=0))
 
 
+def _trainer(cfg: Config, model: MLP, data: Dataset) -> LocalTrainer:
+    """The kernels' host on a rank that trains: the only place the runtime loads numba
+    (~0.7 s a process), so rank 0 of several ranks, which runs no kernels, never does."""
+    from fedmpi.jit import load_numba
+
+    load_numba()
+    from fedmpi.client import LocalTrainer
+
+    return LocalTrainer(cfg, model, data)
+
+
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
              indices: np.ndarray) -> None:
     """Compile every kernel the run uses, one rank of each node at a time.
 
     numba compiles on first call and caches the machine code on disk. Left
     to the first round, every rank of a node compiles the same kernels at
-    once (8 ranks on 2 cores: 38 s); here the node leader compiles and
-    writes the cache, then the other ranks load it. The calls train a
+    once (8 ranks on 2 cores: 38 s); here the node's first rank that trains
+    compiles and writes the cache, then the other ranks load it. The calls train a
     throwaway copy on two samples and draw from their own generator, so the
     run's results are untouched.
     """
     node = C.node_comm(comm)
+    runs = node.allgather(trainer is not None)  # rank 0 of several runs no kernels
+    first = runs.index(True) if True in runs else -1
     try:
         for turn in (True, False):
-            if (node.rank == 0) == turn:
+            if trainer is not None and (node.rank == first) == turn:
                 res = algo.client_update(trainer, params.copy(), indices[:2],
                                          np.random.default_rng(0))
                 acc = np.zeros(res.update.shape, np.int64)
@@ -221,15 +237,19 @@ class _Evaluator:
 
     Chunk boundaries do not depend on the number of ranks, each chunk's loss
     is summed in a fixed order, and rank 0 adds the chunks in chunk order:
-    the same numbers for any rank count.
+    the same numbers for any rank count. The chunks go to the ranks that
+    train (rank 0 alone, or ranks 1..size-1), so rank 0 of several ranks
+    runs no kernels.
     """
 
-    def __init__(self, comm: MPI.Comm, trainer: LocalTrainer, num_test: int):
+    def __init__(self, comm: MPI.Comm, trainer: LocalTrainer | None, num_test: int,
+                 workers: list[int]):
         self.comm = comm
         self.trainer = trainer
         self.num_test = num_test
         self.starts = np.arange(0, num_test, EVAL_CHUNK)
-        self.mine = [i for i in range(len(self.starts)) if i % comm.size == comm.rank]
+        w = workers.index(comm.rank) if comm.rank in workers else -1
+        self.mine = [i for i in range(len(self.starts)) if i % len(workers) == w]
 
     def __call__(self, params: np.ndarray) -> tuple[float, float]:
         part = np.zeros((len(self.starts), 2), np.float64)
@@ -247,8 +267,6 @@ class _Evaluator:
 
 def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     """Run the federated job described by `cfg` on `comm`."""
-    from fedmpi.results import ResultsWriter
-
     rank, size = comm.rank, comm.size
     root = rank == 0  # this rank aggregates, writes results and prints
     workers = list(range(1, size)) if size > 1 else [0]
@@ -264,11 +282,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
     C.check_ranks_per_node(comm)
     cfg = _solve_noise(cfg, comm)
+    timings.mark("plan output")
 
     data, _keep_alive = _load_shared(cfg, comm)
+    timings.mark("data load")
     part = make_partition(cfg.partition, data.y_train, cfg.clients, seed=cfg.seed,
                           alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
                           natural_sizes=data.natural_sizes)
+    timings.mark("partition")
     sizes = part.sizes
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
@@ -278,15 +299,18 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
     stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
     warned_coarse = False
-    trainer = LocalTrainer(cfg, model, data)
-    evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
+    trainer = _trainer(cfg, model, data) if rank in workers else None
+    C.barrier(comm)  # rank 0 sleeps while the others load numba (MPI_Win_allocate would spin)
+    evaluate = _Evaluator(comm, trainer, data.x_test.shape[0], workers)
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
 
+    timings.mark("set-up")
     where = comm.gather(f"{os.getpid()}@{MPI.Get_processor_name()}", root=0)
     writer, first, error = None, 1, None
     if root:
         _print_config(cfg, data, model, size, where)
+        from fedmpi.results import ResultsWriter  # h5py: only the rank that writes imports it
         for line in pipeline.describe():
             print(line, flush=True)
         for line in config_warnings(cfg):
@@ -312,6 +336,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
+    timings.mark("HDF5 create")
     first = comm.bcast(first, root=0)
     if first > 1:
         C.bcast(comm, params)  # the checkpoint's model, read by rank 0
@@ -320,6 +345,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     if root and time.perf_counter() - t_warm > 2.0:
         print(f"compiled the numba kernels in {time.perf_counter() - t_warm:.0f} s "
               "(cached for later runs)", flush=True)
+    timings.mark("numba warm-up")
     progress = Progress(cfg.rounds, first) if root else None
     finished = False
     try:
@@ -327,6 +353,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             writer.write_params("params", params)
             print(f"{cfg.out} already holds all {cfg.rounds} rounds", flush=True)
         for rnd in range(first, cfg.rounds + 1):
+            C.watch_round(comm, rnd, cfg.round_timeout)  # a rank that never arrives ends the job
             t0 = time.perf_counter()
             rparams = pipeline.round_params(rnd) if root else None
             if pipeline.has_round_params:
@@ -444,6 +471,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                           f"accountant: {stage_metrics['epsilon']:.3g}) at delta "
                           f"{cfg.dp_delta:g}", flush=True)
         finished = True
+        C.watch_round(comm, None)
+        timings.mark("rounds")
         shared.free()  # collective: only on the way out that every rank takes
     finally:
         if writer is not None:
@@ -452,3 +481,4 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             writer.close()
     if root:
         print(f"results written to {cfg.out}", flush=True)
+    timings.mark("close")
