@@ -40,10 +40,10 @@ software stack on every node).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import njit
+
+from fedmpi.model.simd import (VECTOR_BITS, VW, aligned_zeros, vadd, vload, vload_m,
+                               vmuladd, vrelu, vsplat, vstore, vstore_m, vsum, vzero)
 
 LOSS_CE = 0  # softmax cross-entropy
 LOSS_MSE = 1  # mean over classes of (output - one_hot)^2, linear outputs
@@ -56,196 +56,8 @@ OPTIMIZERS = {"sgd": OPT_SGD, "adam": OPT_ADAM}
 TILE = 64  # samples per pass through the layers; bigger minibatches are tiled
 
 # ----------------------------------------------------------------------------
-# Explicit SIMD: a 16 x float32 vector type and the few operations the layer
-# loops need, as numba intrinsics emitting LLVM vector IR. A vector value lives
-# in a register (one zmm with AVX-512, two ymm with AVX2); the arithmetic has
-# no fast-math flags, so LLVM neither contracts it into FMAs nor reorders it.
-# No bounds checks: callers keep every access inside its array, using the
-# masked load/store (lanes >= n untouched) for the last < 16 floats of a row.
-# ----------------------------------------------------------------------------
-
-VW = 16  # floats per vector
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_VEC = ir.VectorType(_F32, VW)
-_VPTR = _VEC.as_pointer()
-_MASK = ir.VectorType(ir.IntType(1), VW)
-
-
-class _F32Vec(types.Type):
-    def __init__(self):
-        super().__init__(name=f"float32x{VW}")
-
-
-f32vec = _F32Vec()
-
-
-@register_model(_F32Vec)
-class _F32VecModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VEC)
-
-
-def _is_vec_array(arr):
-    """Only contiguous 1-D float32 arrays: the element address is data + i."""
-    return (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
-            and arr.dtype == types.float32)
-
-
-def _vaddr(context, builder, arrty, arr, i):
-    a = context.make_array(arrty)(context, builder, arr)
-    return builder.bitcast(builder.gep(a.data, [i], inbounds=True), _VPTR)
-
-
-def _vmask(builder, n):
-    """Lanes 0..n-1 on (all of them for n >= VW)."""
-    n = builder.select(builder.icmp_signed(">", n, ir.Constant(n.type, VW)),
-                       ir.Constant(n.type, VW), n)
-    n = builder.trunc(n, _I32)
-    nv = builder.insert_element(ir.Constant(ir.VectorType(_I32, VW), None), n,
-                                ir.Constant(_I32, 0))
-    nv = builder.shuffle_vector(nv, nv, ir.Constant(ir.VectorType(_I32, VW), [0] * VW))
-    lanes = ir.Constant(ir.VectorType(_I32, VW), list(range(VW)))
-    return builder.icmp_signed("<", lanes, nv)
-
-
-@intrinsic
-def _vload(typingctx, arr, i):
-    """arr[i:i+VW] as a vector."""
-    if not _is_vec_array(arr):
-        return None
-    sig = f32vec(arr, types.intp)
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_vaddr(context, builder, sig.args[0], args[0], args[1]), align=4)
-    return sig, codegen
-
-
-@intrinsic
-def _vstore(typingctx, arr, i, v):
-    """arr[i:i+VW] = v."""
-    if not _is_vec_array(arr):
-        return None
-    sig = types.void(arr, types.intp, f32vec)
-
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _vaddr(context, builder, sig.args[0], args[0], args[1]), align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def _vload_m(typingctx, arr, i, n):
-    """arr[i:i+n] in lanes 0..n-1, zeros above; reads nothing past arr[i+n-1]."""
-    if not _is_vec_array(arr):
-        return None
-    sig = f32vec(arr, types.intp, types.intp)
-
-    def codegen(context, builder, sig, args):
-        p = _vaddr(context, builder, sig.args[0], args[0], args[1])
-        fnty = ir.FunctionType(_VEC, [_VPTR, _I32, _MASK, _VEC])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.load.v{VW}f32.p0")
-        return builder.call(fn, [p, ir.Constant(_I32, 4), _vmask(builder, args[2]),
-                                 ir.Constant(_VEC, None)])
-    return sig, codegen
-
-
-@intrinsic
-def _vstore_m(typingctx, arr, i, v, n):
-    """arr[i:i+n] = lanes 0..n-1 of v; writes nothing else."""
-    if not _is_vec_array(arr):
-        return None
-    sig = types.void(arr, types.intp, f32vec, types.intp)
-
-    def codegen(context, builder, sig, args):
-        p = _vaddr(context, builder, sig.args[0], args[0], args[1])
-        fnty = ir.FunctionType(ir.VoidType(), [_VEC, _VPTR, _I32, _MASK])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.store.v{VW}f32.p0")
-        builder.call(fn, [args[2], p, ir.Constant(_I32, 4), _vmask(builder, args[3])])
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def _vsplat(typingctx, x):
-    """x in every lane."""
-    sig = f32vec(types.float32)
-
-    def codegen(context, builder, sig, args):
-        v = builder.insert_element(ir.Constant(_VEC, None), args[0], ir.Constant(_I32, 0))
-        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, VW), [0] * VW))
-    return sig, codegen
-
-
-@intrinsic
-def _vzero(typingctx):
-    sig = f32vec()
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_VEC, None)
-    return sig, codegen
-
-
-@intrinsic
-def _vmuladd(typingctx, acc, a, b):
-    """acc + a * b, rounded after the multiply and after the add (never an FMA)."""
-    sig = f32vec(f32vec, f32vec, f32vec)
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
-    return sig, codegen
-
-
-@intrinsic
-def _vadd(typingctx, a, b):
-    sig = f32vec(f32vec, f32vec)
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return sig, codegen
-
-
-@intrinsic
-def _vrelu(typingctx, v):
-    """v where v >= 0 (or NaN), else 0."""
-    sig = f32vec(f32vec)
-
-    def codegen(context, builder, sig, args):
-        z = ir.Constant(_VEC, None)
-        return builder.select(builder.fcmp_ordered("<", args[0], z), z, args[0])
-    return sig, codegen
-
-
-@intrinsic
-def _vsum(typingctx, v):
-    """Sum of the lanes by a fixed halving tree: (lanes 0-7 + 8-15), then 0-3 + 4-7, ..."""
-    sig = types.float32(f32vec)
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        w = VW
-        while w > 1:
-            h = w // 2
-            half_t = ir.VectorType(_I32, h)
-            lo = builder.shuffle_vector(v, v, ir.Constant(half_t, list(range(h))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(half_t, list(range(h, w))))
-            v = builder.fadd(lo, hi)
-            w = h
-        return builder.extract_element(v, ir.Constant(_I32, 0))
-    return sig, codegen
-
-
-# ----------------------------------------------------------------------------
 # Layer kernels
 # ----------------------------------------------------------------------------
-
-def aligned_zeros(n, dtype=np.float32):
-    """Zeros starting on a 64-byte (cache line) boundary."""
-    itemsize = np.dtype(dtype).itemsize
-    buf = np.zeros(n + 64 // itemsize, dtype)
-    off = (-buf.ctypes.data % 64) // itemsize
-    return buf[off:off + n]
-
 
 @njit(cache=True)
 def _ld(n):
@@ -321,74 +133,102 @@ def _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val):
     return cnt
 
 
+# Vectors of outputs per sample that the forward pass keeps in registers: 4
+# samples x 2 vectors = 8 of AVX-512's 32 zmm registers; with AVX2's 16 ymm
+# (two per vector) that would be all 16 and spill in the inner loop, so there
+# it is 1 vector per sample (8 ymm). Chosen when numba compiles, from the
+# target it compiles for; only the outputs' grouping changes, not their sums.
+_FWD_NV = 2 if VECTOR_BITS >= 512 else 1
+
+
 @njit(cache=True)
 def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu):
     """Outputs of a group of g <= 4 samples (rows zo, zo+n_out, ... of acts).
 
     z = bias + sum over the group's non-zero inputs k of a_k * W[k], in
-    increasing k; 32 outputs of each of the 4 samples stay in 8 vector
+    increasing k; _FWD_NV vectors of outputs of each of the 4 samples stay in
     registers, so each loaded vector of W serves four samples (W_1 does not
     fit in L1: loading it once per sample made the forward pass L2-bound).
     A sample whose input k is zero adds 0 * W[k], which changes nothing (for
-    finite weights); a row-wise skip per sample would need a branch or
-    W loaded once per sample, both slower.
+    finite weights; at most the sign of an exact zero, which no later step
+    can see); a row-wise skip per sample would need a branch or W loaded
+    once per sample, both slower.
     """
     j0 = 0
-    while j0 + 2 * VW <= n_out:
-        c0 = _vload(params, bo + j0)
-        c1 = _vload(params, bo + j0 + VW)
-        a00, a01, a10, a11, a20, a21, a30, a31 = c0, c1, c0, c1, c0, c1, c0, c1
-        for q in range(cnt):
-            o = wo + np.int64(grp_idx[q]) * n_out + j0
-            w0 = _vload(params, o)
-            w1 = _vload(params, o + VW)
-            s = _vsplat(grp_val[4 * q])
-            a00 = _vmuladd(a00, s, w0)
-            a01 = _vmuladd(a01, s, w1)
-            s = _vsplat(grp_val[4 * q + 1])
-            a10 = _vmuladd(a10, s, w0)
-            a11 = _vmuladd(a11, s, w1)
-            s = _vsplat(grp_val[4 * q + 2])
-            a20 = _vmuladd(a20, s, w0)
-            a21 = _vmuladd(a21, s, w1)
-            s = _vsplat(grp_val[4 * q + 3])
-            a30 = _vmuladd(a30, s, w0)
-            a31 = _vmuladd(a31, s, w1)
-        if relu:
-            a00, a01, a10, a11 = _vrelu(a00), _vrelu(a01), _vrelu(a10), _vrelu(a11)
-            a20, a21, a30, a31 = _vrelu(a20), _vrelu(a21), _vrelu(a30), _vrelu(a31)
-        _vstore(acts, zo + j0, a00)
-        _vstore(acts, zo + j0 + VW, a01)
-        if g > 1:
-            _vstore(acts, zo + n_out + j0, a10)
-            _vstore(acts, zo + n_out + j0 + VW, a11)
-        if g > 2:
-            _vstore(acts, zo + 2 * n_out + j0, a20)
-            _vstore(acts, zo + 2 * n_out + j0 + VW, a21)
-        if g > 3:
-            _vstore(acts, zo + 3 * n_out + j0, a30)
-            _vstore(acts, zo + 3 * n_out + j0 + VW, a31)
-        j0 += 2 * VW
-    while j0 < n_out:
-        m = n_out - j0
-        c0 = _vload_m(params, bo + j0, m)
+    if _FWD_NV == 2:
+        while j0 + 2 * VW <= n_out:
+            c0 = vload(params, bo + j0)
+            c1 = vload(params, bo + j0 + VW)
+            a00, a01, a10, a11, a20, a21, a30, a31 = c0, c1, c0, c1, c0, c1, c0, c1
+            for q in range(cnt):
+                o = wo + np.int64(grp_idx[q]) * n_out + j0
+                w0 = vload(params, o)
+                w1 = vload(params, o + VW)
+                s = vsplat(grp_val[4 * q])
+                a00 = vmuladd(a00, s, w0)
+                a01 = vmuladd(a01, s, w1)
+                s = vsplat(grp_val[4 * q + 1])
+                a10 = vmuladd(a10, s, w0)
+                a11 = vmuladd(a11, s, w1)
+                s = vsplat(grp_val[4 * q + 2])
+                a20 = vmuladd(a20, s, w0)
+                a21 = vmuladd(a21, s, w1)
+                s = vsplat(grp_val[4 * q + 3])
+                a30 = vmuladd(a30, s, w0)
+                a31 = vmuladd(a31, s, w1)
+            if relu:
+                a00, a01, a10, a11 = vrelu(a00), vrelu(a01), vrelu(a10), vrelu(a11)
+                a20, a21, a30, a31 = vrelu(a20), vrelu(a21), vrelu(a30), vrelu(a31)
+            vstore(acts, zo + j0, a00)
+            vstore(acts, zo + j0 + VW, a01)
+            if g > 1:
+                vstore(acts, zo + n_out + j0, a10)
+                vstore(acts, zo + n_out + j0 + VW, a11)
+            if g > 2:
+                vstore(acts, zo + 2 * n_out + j0, a20)
+                vstore(acts, zo + 2 * n_out + j0 + VW, a21)
+            if g > 3:
+                vstore(acts, zo + 3 * n_out + j0, a30)
+                vstore(acts, zo + 3 * n_out + j0 + VW, a31)
+            j0 += 2 * VW
+    while j0 + VW <= n_out:
+        c0 = vload(params, bo + j0)
         a0, a1, a2, a3 = c0, c0, c0, c0
         for q in range(cnt):
-            w0 = _vload_m(params, wo + np.int64(grp_idx[q]) * n_out + j0, m)
-            a0 = _vmuladd(a0, _vsplat(grp_val[4 * q]), w0)
-            a1 = _vmuladd(a1, _vsplat(grp_val[4 * q + 1]), w0)
-            a2 = _vmuladd(a2, _vsplat(grp_val[4 * q + 2]), w0)
-            a3 = _vmuladd(a3, _vsplat(grp_val[4 * q + 3]), w0)
+            w0 = vload(params, wo + np.int64(grp_idx[q]) * n_out + j0)
+            a0 = vmuladd(a0, vsplat(grp_val[4 * q]), w0)
+            a1 = vmuladd(a1, vsplat(grp_val[4 * q + 1]), w0)
+            a2 = vmuladd(a2, vsplat(grp_val[4 * q + 2]), w0)
+            a3 = vmuladd(a3, vsplat(grp_val[4 * q + 3]), w0)
         if relu:
-            a0, a1, a2, a3 = _vrelu(a0), _vrelu(a1), _vrelu(a2), _vrelu(a3)
-        _vstore_m(acts, zo + j0, a0, m)
+            a0, a1, a2, a3 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3)
+        vstore(acts, zo + j0, a0)
         if g > 1:
-            _vstore_m(acts, zo + n_out + j0, a1, m)
+            vstore(acts, zo + n_out + j0, a1)
         if g > 2:
-            _vstore_m(acts, zo + 2 * n_out + j0, a2, m)
+            vstore(acts, zo + 2 * n_out + j0, a2)
         if g > 3:
-            _vstore_m(acts, zo + 3 * n_out + j0, a3, m)
+            vstore(acts, zo + 3 * n_out + j0, a3)
         j0 += VW
+    if j0 < n_out:
+        m = n_out - j0
+        c0 = vload_m(params, bo + j0, m)
+        a0, a1, a2, a3 = c0, c0, c0, c0
+        for q in range(cnt):
+            w0 = vload_m(params, wo + np.int64(grp_idx[q]) * n_out + j0, m)
+            a0 = vmuladd(a0, vsplat(grp_val[4 * q]), w0)
+            a1 = vmuladd(a1, vsplat(grp_val[4 * q + 1]), w0)
+            a2 = vmuladd(a2, vsplat(grp_val[4 * q + 2]), w0)
+            a3 = vmuladd(a3, vsplat(grp_val[4 * q + 3]), w0)
+        if relu:
+            a0, a1, a2, a3 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3)
+        vstore_m(acts, zo + j0, a0, m)
+        if g > 1:
+            vstore_m(acts, zo + n_out + j0, a1, m)
+        if g > 2:
+            vstore_m(acts, zo + 2 * n_out + j0, a2, m)
+        if g > 3:
+            vstore_m(acts, zo + 3 * n_out + j0, a3, m)
 
 
 @njit(cache=True)
@@ -430,42 +270,47 @@ def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True):
 
 
 @njit(cache=True)
-def _loss_and_delta(acts, out_off, nb, ncls, y, rows, loss_kind, deltas, want_delta):
-    """Sum of the losses of nb samples and, if wanted, dLoss/dOutput per sample.
+def _sample_loss(acts, o, ncls, t, loss_kind, deltas, dl, want_delta):
+    """Loss of the sample whose outputs are acts[o:o+ncls] and label t, whether its
+    argmax is t, and if wanted dLoss/dOutput into deltas[dl:dl+ncls]."""
+    best = 0
+    m = acts[o]
+    for c in range(1, ncls):
+        if acts[o + c] > m:
+            m = acts[o + c]
+            best = c
+    if loss_kind == LOSS_CE:
+        s = 0.0
+        for c in range(ncls):
+            s += np.exp(np.float64(acts[o + c] - m))
+        loss = np.log(s) + m - acts[o + t]
+        if want_delta:
+            for c in range(ncls):
+                p = np.exp(np.float64(acts[o + c] - m)) / s
+                deltas[dl + c] = p - (1.0 if c == t else 0.0)
+    else:
+        s = 0.0
+        for c in range(ncls):
+            e = acts[o + c] - (1.0 if c == t else 0.0)
+            s += e * e
+            if want_delta:
+                deltas[dl + c] = 2.0 * e / ncls
+        loss = s / ncls
+    return loss, best == t
 
-    Also returns how many samples were classified correctly (argmax).
-    """
+
+@njit(cache=True)
+def _loss_and_delta(acts, out_off, nb, ncls, y, rows, loss_kind, deltas, want_delta):
+    """Sum of the losses of nb samples (in sample order) and, if wanted,
+    dLoss/dOutput per sample; also how many were classified correctly (argmax)."""
     loss = 0.0
     correct = 0
     ld = _ld(ncls)
     for b in range(nb):
-        o = out_off + b * ncls
-        t = y[rows[b]]
-        best = 0
-        m = acts[o]
-        for c in range(1, ncls):
-            if acts[o + c] > m:
-                m = acts[o + c]
-                best = c
-        if best == t:
-            correct += 1
-        if loss_kind == LOSS_CE:
-            s = 0.0
-            for c in range(ncls):
-                s += np.exp(np.float64(acts[o + c] - m))
-            loss += np.log(s) + m - acts[o + t]
-            if want_delta:
-                for c in range(ncls):
-                    p = np.exp(np.float64(acts[o + c] - m)) / s
-                    deltas[b * ld + c] = p - (1.0 if c == t else 0.0)
-        else:
-            s = 0.0
-            for c in range(ncls):
-                e = acts[o + c] - (1.0 if c == t else 0.0)
-                s += e * e
-                if want_delta:
-                    deltas[b * ld + c] = 2.0 * e / ncls
-            loss += s / ncls
+        lb, ok = _sample_loss(acts, out_off + b * ncls, ncls, y[rows[b]], loss_kind, deltas,
+                              b * ld, want_delta)
+        loss += lb
+        correct += ok
     return loss, correct
 
 
@@ -477,7 +322,7 @@ def _delta_in(params, wo, n_in, n_out, nz_idx, nz_ptr, p_off, deltas, d_out, d_i
     (b, k) -- a zero input is a ReLU that did not fire, whose delta is zero.
     Four vector accumulators take vectors j = 0,1,2,3 mod 4 of the row, the
     tail goes into the first, and they are summed (a0+a1)+(a2+a3), then
-    across lanes by `_vsum`.
+    across lanes by `vsum`.
     """
     ld_in = _ld(n_in)
     ld_out = _ld(n_out)
@@ -488,24 +333,24 @@ def _delta_in(params, wo, n_in, n_out, nz_idx, nz_ptr, p_off, deltas, d_out, d_i
         for q in range(nz_ptr[p_off + k], nz_ptr[p_off + k + 1]):
             b = nz_idx[q]
             dl = d_out + b * ld_out
-            a0 = _vzero()
-            a1 = _vzero()
-            a2 = _vzero()
-            a3 = _vzero()
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
             j0 = 0
             while j0 + 4 * VW <= n_out:
-                a0 = _vmuladd(a0, _vload(params, row + j0), _vload(deltas, dl + j0))
-                a1 = _vmuladd(a1, _vload(params, row + j0 + VW), _vload(deltas, dl + j0 + VW))
-                a2 = _vmuladd(a2, _vload(params, row + j0 + 2 * VW),
-                              _vload(deltas, dl + j0 + 2 * VW))
-                a3 = _vmuladd(a3, _vload(params, row + j0 + 3 * VW),
-                              _vload(deltas, dl + j0 + 3 * VW))
+                a0 = vmuladd(a0, vload(params, row + j0), vload(deltas, dl + j0))
+                a1 = vmuladd(a1, vload(params, row + j0 + VW), vload(deltas, dl + j0 + VW))
+                a2 = vmuladd(a2, vload(params, row + j0 + 2 * VW),
+                              vload(deltas, dl + j0 + 2 * VW))
+                a3 = vmuladd(a3, vload(params, row + j0 + 3 * VW),
+                              vload(deltas, dl + j0 + 3 * VW))
                 j0 += 4 * VW
             while j0 < n_out:
                 m = n_out - j0
-                a0 = _vmuladd(a0, _vload_m(params, row + j0, m), _vload_m(deltas, dl + j0, m))
+                a0 = vmuladd(a0, vload_m(params, row + j0, m), vload_m(deltas, dl + j0, m))
                 j0 += VW
-            deltas[d_in + b * ld_in + k] = _vsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
+            deltas[d_in + b * ld_in + k] = vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
 
 
 @njit(cache=True)
@@ -527,38 +372,38 @@ def _weight_update(target, wo, bo, n_in, n_out, nz_idx, nz_val, nz_ptr, p_off, d
         row = wo + k * n_out
         j0 = 0
         while j0 + 4 * VW <= n_out:
-            t0 = _vload(target, row + j0)
-            t1 = _vload(target, row + j0 + VW)
-            t2 = _vload(target, row + j0 + 2 * VW)
-            t3 = _vload(target, row + j0 + 3 * VW)
+            t0 = vload(target, row + j0)
+            t1 = vload(target, row + j0 + VW)
+            t2 = vload(target, row + j0 + 2 * VW)
+            t3 = vload(target, row + j0 + 3 * VW)
             for q in range(q0, q1):
-                c = _vsplat(scale * nz_val[q])
+                c = vsplat(scale * nz_val[q])
                 dl = d_out + nz_idx[q] * ld + j0
-                t0 = _vmuladd(t0, c, _vload(deltas, dl))
-                t1 = _vmuladd(t1, c, _vload(deltas, dl + VW))
-                t2 = _vmuladd(t2, c, _vload(deltas, dl + 2 * VW))
-                t3 = _vmuladd(t3, c, _vload(deltas, dl + 3 * VW))
-            _vstore(target, row + j0, t0)
-            _vstore(target, row + j0 + VW, t1)
-            _vstore(target, row + j0 + 2 * VW, t2)
-            _vstore(target, row + j0 + 3 * VW, t3)
+                t0 = vmuladd(t0, c, vload(deltas, dl))
+                t1 = vmuladd(t1, c, vload(deltas, dl + VW))
+                t2 = vmuladd(t2, c, vload(deltas, dl + 2 * VW))
+                t3 = vmuladd(t3, c, vload(deltas, dl + 3 * VW))
+            vstore(target, row + j0, t0)
+            vstore(target, row + j0 + VW, t1)
+            vstore(target, row + j0 + 2 * VW, t2)
+            vstore(target, row + j0 + 3 * VW, t3)
             j0 += 4 * VW
         while j0 < n_out:
             m = n_out - j0
-            t0 = _vload_m(target, row + j0, m)
+            t0 = vload_m(target, row + j0, m)
             for q in range(q0, q1):
                 dl = d_out + nz_idx[q] * ld + j0
-                t0 = _vmuladd(t0, _vsplat(scale * nz_val[q]), _vload_m(deltas, dl, m))
-            _vstore_m(target, row + j0, t0, m)
+                t0 = vmuladd(t0, vsplat(scale * nz_val[q]), vload_m(deltas, dl, m))
+            vstore_m(target, row + j0, t0, m)
             j0 += VW
-    s = _vsplat(scale)
+    s = vsplat(scale)
     j0 = 0
     while j0 < n_out:
         m = n_out - j0
-        t0 = _vload_m(target, bo + j0, m)
+        t0 = vload_m(target, bo + j0, m)
         for b in range(nb):
-            t0 = _vmuladd(t0, s, _vload_m(deltas, d_out + b * ld + j0, m))
-        _vstore_m(target, bo + j0, t0, m)
+            t0 = vmuladd(t0, s, vload_m(deltas, d_out + b * ld + j0, m))
+        vstore_m(target, bo + j0, t0, m)
         j0 += VW
 
 
@@ -699,16 +544,61 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, epochs, batch,
 
 
 @njit(cache=True)
+def _compress_input_group(x, xscale, r0, g, n_in, grp_idx, grp_val):
+    """`_compress_group` straight from rows r0..r0+g-1 of the data (g <= 4),
+    scaled as `_forward` scales them, without writing the input layer."""
+    z = np.float32(0.0)
+    cnt = 0
+    for k in range(n_in):
+        v0 = np.float32(x[r0, k] * xscale)
+        v1 = np.float32(x[r0 + 1, k] * xscale) if g > 1 else z
+        v2 = np.float32(x[r0 + 2, k] * xscale) if g > 2 else z
+        v3 = np.float32(x[r0 + 3, k] * xscale) if g > 3 else z
+        grp_idx[cnt] = k
+        grp_val[4 * cnt] = v0
+        grp_val[4 * cnt + 1] = v1
+        grp_val[4 * cnt + 2] = v2
+        grp_val[4 * cnt + 3] = v3
+        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0)
+    return cnt
+
+
+@njit(cache=True)
 def evaluate(params, sizes, woff, boff, x, xscale, y, start, stop, loss_kind, ws):
-    """(sum of losses, number correct) over samples start..stop-1 of (x, y)."""
-    ncls = sizes[sizes.shape[0] - 1]
+    """(sum of losses, number correct) over samples start..stop-1 of (x, y).
+
+    Forward only, four samples at a time through all the layers, so that only
+    the weights and a few rows of activations are live (the training forward
+    pass keeps a tile's activations for the backward pass: ~300 KB at 64
+    samples, which pushed W_1 out of L2). Every output is the same sum in the
+    same order as in `_forward`, and the losses are added in sample order
+    within tiles of TILE samples, the tiles' sums then in order: the numbers
+    `_forward` + `_loss_and_delta` give, bit for bit.
+    """
+    acts, deltas, _, _, _, grp_idx, grp_val = ws
+    nlayers = sizes.shape[0] - 1
+    ncls = sizes[nlayers]
+    half = 4 * np.max(sizes[1:])  # activations ping-pong between acts[:half] and acts[half:]
     loss = 0.0
     correct = 0
-    rows = np.arange(start, stop)
-    for t0 in range(0, rows.shape[0], TILE):
-        tile = rows[t0:min(rows.shape[0], t0 + TILE)]
-        out = _forward(params, sizes, woff, boff, x, xscale, tile, ws, False)
-        l, c = _loss_and_delta(ws[0], out, tile.shape[0], ncls, y, tile, loss_kind, ws[1], False)
-        loss += l
-        correct += c
+    for t0 in range(start, stop, TILE):
+        t1 = min(stop, t0 + TILE)
+        tile_loss = 0.0
+        for r0 in range(t0, t1, 4):
+            g = min(4, t1 - r0)
+            cnt = _compress_input_group(x, xscale, r0, g, sizes[0], grp_idx, grp_val)
+            a_off = 0
+            for l in range(nlayers):
+                if l > 0:
+                    cnt = _compress_group(acts, a_off, sizes[l], 0, g, grp_idx, grp_val)
+                z_off = half - a_off
+                _dense_group(params, woff[l], boff[l], sizes[l + 1], grp_idx, grp_val, cnt,
+                             acts, z_off, g, l < nlayers - 1)
+                a_off = z_off
+            for b in range(g):
+                lb, ok = _sample_loss(acts, a_off + b * ncls, ncls, y[r0 + b], loss_kind,
+                                      deltas, 0, False)
+                tile_loss += lb
+                correct += ok
+        loss += tile_loss
     return loss, correct
