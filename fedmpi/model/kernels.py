@@ -54,6 +54,10 @@ OPT_ADAM = 1
 OPTIMIZERS = {"sgd": OPT_SGD, "adam": OPT_ADAM}
 
 TILE = 64  # samples per pass through the layers; bigger minibatches are tiled
+# Samples whose forward pass shares each loaded vector of weights: 5 divides
+# the FedAvg paper's minibatches (10, 50), so no lanes are computed for
+# missing samples there; 5 x the registers per sample fit both AVX-512 and AVX2.
+GROUP = 5
 
 # ----------------------------------------------------------------------------
 # Layer kernels
@@ -85,7 +89,7 @@ def workspace(sizes: np.ndarray):
     nz_val = np.zeros(TILE * n_inputs, np.float32)
     nz_ptr = np.zeros(n_inputs + len(sizes), np.int64)
     grp_idx = np.zeros(max_in, np.int32)
-    grp_val = np.zeros(4 * max_in, np.float32)
+    grp_val = np.zeros(GROUP * max_in, np.float32)
     return acts, deltas, nz_idx, nz_val, nz_ptr, grp_idx, grp_val
 
 
@@ -110,11 +114,11 @@ def _compress(acts, a_off, nb, n_in, nz_idx, nz_val, nz_ptr, p_off, q_off):
 
 @njit(cache=True)
 def _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val):
-    """The input units k that are non-zero in any of samples b0..b0+g-1 (g <= 4).
+    """The input units k that are non-zero in any of samples b0..b0+g-1 (g <= GROUP).
 
-    grp_idx[c] = k and grp_val[4c:4c+4] = the g samples' inputs k (0 for the
-    missing samples of a short group), for c < the returned count; branch-free
-    like `_compress`.
+    grp_idx[c] = k and grp_val[GROUP*c:GROUP*c+GROUP] = the g samples' inputs k
+    (0 for the missing samples of a short group), for c < the returned count;
+    branch-free like `_compress`.
     """
     z = np.float32(0.0)
     o0 = a_off + b0 * n_in
@@ -124,30 +128,48 @@ def _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val):
         v1 = acts[o0 + n_in + k] if g > 1 else z
         v2 = acts[o0 + 2 * n_in + k] if g > 2 else z
         v3 = acts[o0 + 3 * n_in + k] if g > 3 else z
+        v4 = acts[o0 + 4 * n_in + k] if g > 4 else z
         grp_idx[cnt] = k
-        grp_val[4 * cnt] = v0
-        grp_val[4 * cnt + 1] = v1
-        grp_val[4 * cnt + 2] = v2
-        grp_val[4 * cnt + 3] = v3
-        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0)
+        grp_val[GROUP * cnt] = v0
+        grp_val[GROUP * cnt + 1] = v1
+        grp_val[GROUP * cnt + 2] = v2
+        grp_val[GROUP * cnt + 3] = v3
+        grp_val[GROUP * cnt + 4] = v4
+        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
     return cnt
 
 
-# Vectors of outputs per sample that the forward pass keeps in registers: 4
-# samples x 2 vectors = 8 of AVX-512's 32 zmm registers; with AVX2's 16 ymm
-# (two per vector) that would be all 16 and spill in the inner loop, so there
-# it is 1 vector per sample (8 ymm). Chosen when numba compiles, from the
-# target it compiles for; only the outputs' grouping changes, not their sums.
+# Vectors of outputs per sample that the forward pass keeps in registers: 5
+# samples x 2 vectors = 10 of AVX-512's 32 zmm registers; with AVX2's 16 ymm
+# (two per vector) that would be 20 and spill in the inner loop, so there it
+# is 1 vector per sample (10 ymm). Chosen when numba compiles, from the target
+# it compiles for; only the outputs' grouping changes, not their sums.
 _FWD_NV = 2 if VECTOR_BITS >= 512 else 1
 
 
 @njit(cache=True)
+def _store_group(acts, zo, n_out, j, g, a0, a1, a2, a3, a4, relu):
+    """Rows zo, zo+n_out, ... (g of them) of acts at column j: one full vector each."""
+    if relu:
+        a0, a1, a2, a3, a4 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3), vrelu(a4)
+    vstore(acts, zo + j, a0)
+    if g > 1:
+        vstore(acts, zo + n_out + j, a1)
+    if g > 2:
+        vstore(acts, zo + 2 * n_out + j, a2)
+    if g > 3:
+        vstore(acts, zo + 3 * n_out + j, a3)
+    if g > 4:
+        vstore(acts, zo + 4 * n_out + j, a4)
+
+
+@njit(cache=True)
 def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu):
-    """Outputs of a group of g <= 4 samples (rows zo, zo+n_out, ... of acts).
+    """Outputs of a group of g <= GROUP samples (rows zo, zo+n_out, ... of acts).
 
     z = bias + sum over the group's non-zero inputs k of a_k * W[k], in
-    increasing k; _FWD_NV vectors of outputs of each of the 4 samples stay in
-    registers, so each loaded vector of W serves four samples (W_1 does not
+    increasing k; _FWD_NV vectors of outputs of each of the GROUP samples stay
+    in registers, so each loaded vector of W serves all of them (W_1 does not
     fit in L1: loading it once per sample made the forward pass L2-bound).
     A sample whose input k is zero adds 0 * W[k], which changes nothing (for
     finite weights; at most the sign of an exact zero, which no later step
@@ -160,68 +182,57 @@ def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu
             c0 = vload(params, bo + j0)
             c1 = vload(params, bo + j0 + VW)
             a00, a01, a10, a11, a20, a21, a30, a31 = c0, c1, c0, c1, c0, c1, c0, c1
+            a40, a41 = c0, c1
             for q in range(cnt):
                 o = wo + np.int64(grp_idx[q]) * n_out + j0
                 w0 = vload(params, o)
                 w1 = vload(params, o + VW)
-                s = vsplat(grp_val[4 * q])
+                v = GROUP * q
+                s = vsplat(grp_val[v])
                 a00 = vmuladd(a00, s, w0)
                 a01 = vmuladd(a01, s, w1)
-                s = vsplat(grp_val[4 * q + 1])
+                s = vsplat(grp_val[v + 1])
                 a10 = vmuladd(a10, s, w0)
                 a11 = vmuladd(a11, s, w1)
-                s = vsplat(grp_val[4 * q + 2])
+                s = vsplat(grp_val[v + 2])
                 a20 = vmuladd(a20, s, w0)
                 a21 = vmuladd(a21, s, w1)
-                s = vsplat(grp_val[4 * q + 3])
+                s = vsplat(grp_val[v + 3])
                 a30 = vmuladd(a30, s, w0)
                 a31 = vmuladd(a31, s, w1)
-            if relu:
-                a00, a01, a10, a11 = vrelu(a00), vrelu(a01), vrelu(a10), vrelu(a11)
-                a20, a21, a30, a31 = vrelu(a20), vrelu(a21), vrelu(a30), vrelu(a31)
-            vstore(acts, zo + j0, a00)
-            vstore(acts, zo + j0 + VW, a01)
-            if g > 1:
-                vstore(acts, zo + n_out + j0, a10)
-                vstore(acts, zo + n_out + j0 + VW, a11)
-            if g > 2:
-                vstore(acts, zo + 2 * n_out + j0, a20)
-                vstore(acts, zo + 2 * n_out + j0 + VW, a21)
-            if g > 3:
-                vstore(acts, zo + 3 * n_out + j0, a30)
-                vstore(acts, zo + 3 * n_out + j0 + VW, a31)
+                s = vsplat(grp_val[v + 4])
+                a40 = vmuladd(a40, s, w0)
+                a41 = vmuladd(a41, s, w1)
+            _store_group(acts, zo, n_out, j0, g, a00, a10, a20, a30, a40, relu)
+            _store_group(acts, zo, n_out, j0 + VW, g, a01, a11, a21, a31, a41, relu)
             j0 += 2 * VW
     while j0 + VW <= n_out:
         c0 = vload(params, bo + j0)
-        a0, a1, a2, a3 = c0, c0, c0, c0
+        a0, a1, a2, a3, a4 = c0, c0, c0, c0, c0
         for q in range(cnt):
             w0 = vload(params, wo + np.int64(grp_idx[q]) * n_out + j0)
-            a0 = vmuladd(a0, vsplat(grp_val[4 * q]), w0)
-            a1 = vmuladd(a1, vsplat(grp_val[4 * q + 1]), w0)
-            a2 = vmuladd(a2, vsplat(grp_val[4 * q + 2]), w0)
-            a3 = vmuladd(a3, vsplat(grp_val[4 * q + 3]), w0)
-        if relu:
-            a0, a1, a2, a3 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3)
-        vstore(acts, zo + j0, a0)
-        if g > 1:
-            vstore(acts, zo + n_out + j0, a1)
-        if g > 2:
-            vstore(acts, zo + 2 * n_out + j0, a2)
-        if g > 3:
-            vstore(acts, zo + 3 * n_out + j0, a3)
+            v = GROUP * q
+            a0 = vmuladd(a0, vsplat(grp_val[v]), w0)
+            a1 = vmuladd(a1, vsplat(grp_val[v + 1]), w0)
+            a2 = vmuladd(a2, vsplat(grp_val[v + 2]), w0)
+            a3 = vmuladd(a3, vsplat(grp_val[v + 3]), w0)
+            a4 = vmuladd(a4, vsplat(grp_val[v + 4]), w0)
+        _store_group(acts, zo, n_out, j0, g, a0, a1, a2, a3, a4, relu)
         j0 += VW
     if j0 < n_out:
         m = n_out - j0
         c0 = vload_m(params, bo + j0, m)
-        a0, a1, a2, a3 = c0, c0, c0, c0
+        a0, a1, a2, a3, a4 = c0, c0, c0, c0, c0
         for q in range(cnt):
             w0 = vload_m(params, wo + np.int64(grp_idx[q]) * n_out + j0, m)
-            a0 = vmuladd(a0, vsplat(grp_val[4 * q]), w0)
-            a1 = vmuladd(a1, vsplat(grp_val[4 * q + 1]), w0)
-            a2 = vmuladd(a2, vsplat(grp_val[4 * q + 2]), w0)
-            a3 = vmuladd(a3, vsplat(grp_val[4 * q + 3]), w0)
+            v = GROUP * q
+            a0 = vmuladd(a0, vsplat(grp_val[v]), w0)
+            a1 = vmuladd(a1, vsplat(grp_val[v + 1]), w0)
+            a2 = vmuladd(a2, vsplat(grp_val[v + 2]), w0)
+            a3 = vmuladd(a3, vsplat(grp_val[v + 3]), w0)
+            a4 = vmuladd(a4, vsplat(grp_val[v + 4]), w0)
         if relu:
-            a0, a1, a2, a3 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3)
+            a0, a1, a2, a3, a4 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3), vrelu(a4)
         vstore_m(acts, zo + j0, a0, m)
         if g > 1:
             vstore_m(acts, zo + n_out + j0, a1, m)
@@ -229,6 +240,8 @@ def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu
             vstore_m(acts, zo + 2 * n_out + j0, a2, m)
         if g > 3:
             vstore_m(acts, zo + 3 * n_out + j0, a3, m)
+        if g > 4:
+            vstore_m(acts, zo + 4 * n_out + j0, a4, m)
 
 
 @njit(cache=True)
@@ -256,8 +269,8 @@ def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True):
         n_in = sizes[l]
         n_out = sizes[l + 1]
         z_off = a_off + nb * n_in
-        for b0 in range(0, nb, 4):
-            g = min(4, nb - b0)
+        for b0 in range(0, nb, GROUP):
+            g = min(GROUP, nb - b0)
             cnt = _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val)
             _dense_group(params, woff[l], boff[l], n_out, grp_idx, grp_val, cnt, acts,
                          z_off + b0 * n_out, g, l < nlayers - 1)
@@ -545,7 +558,7 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, epochs, batch,
 
 @njit(cache=True)
 def _compress_input_group(x, xscale, r0, g, n_in, grp_idx, grp_val):
-    """`_compress_group` straight from rows r0..r0+g-1 of the data (g <= 4),
+    """`_compress_group` straight from rows r0..r0+g-1 of the data (g <= GROUP),
     scaled as `_forward` scales them, without writing the input layer."""
     z = np.float32(0.0)
     cnt = 0
@@ -554,12 +567,14 @@ def _compress_input_group(x, xscale, r0, g, n_in, grp_idx, grp_val):
         v1 = np.float32(x[r0 + 1, k] * xscale) if g > 1 else z
         v2 = np.float32(x[r0 + 2, k] * xscale) if g > 2 else z
         v3 = np.float32(x[r0 + 3, k] * xscale) if g > 3 else z
+        v4 = np.float32(x[r0 + 4, k] * xscale) if g > 4 else z
         grp_idx[cnt] = k
-        grp_val[4 * cnt] = v0
-        grp_val[4 * cnt + 1] = v1
-        grp_val[4 * cnt + 2] = v2
-        grp_val[4 * cnt + 3] = v3
-        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0)
+        grp_val[GROUP * cnt] = v0
+        grp_val[GROUP * cnt + 1] = v1
+        grp_val[GROUP * cnt + 2] = v2
+        grp_val[GROUP * cnt + 3] = v3
+        grp_val[GROUP * cnt + 4] = v4
+        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
     return cnt
 
 
@@ -567,7 +582,7 @@ def _compress_input_group(x, xscale, r0, g, n_in, grp_idx, grp_val):
 def evaluate(params, sizes, woff, boff, x, xscale, y, start, stop, loss_kind, ws):
     """(sum of losses, number correct) over samples start..stop-1 of (x, y).
 
-    Forward only, four samples at a time through all the layers, so that only
+    Forward only, GROUP samples at a time through all the layers, so that only
     the weights and a few rows of activations are live (the training forward
     pass keeps a tile's activations for the backward pass: ~300 KB at 64
     samples, which pushed W_1 out of L2). Every output is the same sum in the
@@ -578,14 +593,14 @@ def evaluate(params, sizes, woff, boff, x, xscale, y, start, stop, loss_kind, ws
     acts, deltas, _, _, _, grp_idx, grp_val = ws
     nlayers = sizes.shape[0] - 1
     ncls = sizes[nlayers]
-    half = 4 * np.max(sizes[1:])  # activations ping-pong between acts[:half] and acts[half:]
+    half = GROUP * np.max(sizes[1:])  # activations ping-pong between acts[:half] and acts[half:]
     loss = 0.0
     correct = 0
     for t0 in range(start, stop, TILE):
         t1 = min(stop, t0 + TILE)
         tile_loss = 0.0
-        for r0 in range(t0, t1, 4):
-            g = min(4, t1 - r0)
+        for r0 in range(t0, t1, GROUP):
+            g = min(GROUP, t1 - r0)
             cnt = _compress_input_group(x, xscale, r0, g, sizes[0], grp_idx, grp_val)
             a_off = 0
             for l in range(nlayers):
