@@ -8,16 +8,18 @@ Why these loops are fast at the small batches federated learning uses:
 - Zero inputs are skipped. About half of Fashion-MNIST's pixels and half of
   the ReLU outputs are exactly zero; each layer's input is compressed to its
   non-zero entries and only those rows of W_l are touched: in the forward
-  pass (rows that are zero for all of a group of 4 samples), in the weight
-  update and in the input delta (per sample and input unit).
-- The layer loops are register-blocked with explicit SIMD (the `_v*`
-  intrinsics below), because the loops LLVM vectorises by itself load and
+  pass (rows that are zero for all of a group of GROUP = 5 samples), in the
+  weight update and in the input delta (per sample and input unit).
+- The layer loops are register-blocked with explicit SIMD (the intrinsics of
+  `fedmpi.model.simd`), because the loops LLVM vectorises by itself load and
   store the accumulator for every input (the previous version of these
-  kernels; 1.5-1.8x slower overall). The forward pass keeps 32 outputs of 4
-  samples in 8 vector registers, so each vector of W_l loaded from L2 serves
-  four samples; the weight update keeps 64 floats of one row of W_l in 4
-  registers while it adds in every sample whose input is non-zero, so a row
-  is loaded and stored once per minibatch.
+  kernels; 1.5-1.8x slower overall). The forward pass keeps 32 outputs (16
+  with AVX2's 16 registers) of 5 samples in registers, so each vector of W_l
+  loaded from L2 serves five samples; the weight update keeps 64 floats of
+  one row of W_l in 4 vectors while it adds in every sample whose input is
+  non-zero, so a row is loaded and stored once per minibatch.
+- Evaluation has its own forward-only loop that takes each group of samples
+  through all the layers, so only the weights and a few rows stay live.
 - The delta buffers are cache-line aligned with rows padded to whole vectors:
   a vector load that straddles two cache lines costs about twice as much.
 - For plain SGD the weight update is fused into the backward pass: layer l's
@@ -33,8 +35,10 @@ and add, never a fused multiply-add; dot products reduced lane-wise, then by
 a fixed halving tree). The results are therefore bitwise repeatable on a
 machine and across ranks, and do not depend on the CPU's vector width:
 AVX-512, AVX2 and plain SSE2 code (NUMBA_CPU_NAME=generic) give the same bits
-(checked for train_local; exp/log come from the C library, so use the same
-software stack on every node).
+-- the register blocking chosen per vector width groups independent outputs,
+never the terms of one sum (tests/test_kernels.py compiles all three in child
+processes and compares the bits of training, gradients and evaluation; exp/log
+come from the C library, so use the same software stack on every node).
 """
 
 from __future__ import annotations
