@@ -83,10 +83,10 @@ def fedmpi_trainer(x, y, batch):
     state = np.zeros(2 * model.num_params, np.float32)
     empty = np.zeros(0, np.float32)
     xscale = np.float32(1.0 / 255.0)
+    settings = K.train_settings(1, batch, K.LOSS_CE, K.OPT_SGD, LR)
 
     def run(params, o):
-        return K.train_local(params, sizes, woff, boff, x, xscale, y, o, 1, batch, K.LOSS_CE,
-                             K.OPT_SGD, LR, 0.0, 0.0, 0.9, 0.999, 1e-8, 0.0, empty, empty,
+        return K.train_local(params, sizes, woff, boff, x, xscale, y, o, settings, empty, empty,
                              grad, state, ws)[0]
     return run
 

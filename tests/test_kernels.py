@@ -171,9 +171,10 @@ def run_train(model, p, x, xscale, y, order, epochs, batch, loss_kind, opt, lr,
     p = p.copy()
     grad = np.zeros(model.num_params, np.float32)
     state = np.full(2 * model.num_params, np.nan, np.float32)  # must be reset by the kernel
-    loss, seen, steps = K.train_local(p, sizes, woff, boff, x, xscale, y, order, epochs, batch,
-                                      loss_kind, opt, lr, momentum, weight_decay, beta1, beta2,
-                                      eps, prox_mu, anchor, correction, grad, state, ws)
+    settings = K.train_settings(epochs, batch, loss_kind, opt, lr, momentum, weight_decay,
+                                beta1, beta2, eps, prox_mu)
+    loss, seen, steps = K.train_local(p, sizes, woff, boff, x, xscale, y, order, settings,
+                                      anchor, correction, grad, state, ws)
     return p, loss, seen, steps
 
 

@@ -43,6 +43,8 @@ come from the C library, so use the same software stack on every node).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -56,6 +58,37 @@ LOSSES = {"cross_entropy": LOSS_CE, "mse": LOSS_MSE}
 OPT_SGD = 0
 OPT_ADAM = 1
 OPTIMIZERS = {"sgd": OPT_SGD, "adam": OPT_ADAM}
+
+# the client optimizer's Adam constants (PyTorch's defaults)
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+
+class TrainSettings(NamedTuple):
+    """The scalar settings of one `train_local` call (numba takes it as a tuple);
+    build it with `train_settings`, which fixes the field types."""
+    epochs: int
+    batch: int  # 0 = full batch
+    loss: int  # LOSS_*
+    opt: int  # OPT_*
+    lr: float
+    momentum: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    prox_mu: float  # FedProx's mu; used only with an anchor
+
+
+def train_settings(epochs, batch, loss=LOSS_CE, opt=OPT_SGD, lr=0.01, momentum=0.0,
+                   weight_decay=0.0, beta1=ADAM_BETA1, beta2=ADAM_BETA2, eps=ADAM_EPS,
+                   prox_mu=0.0) -> TrainSettings:
+    """TrainSettings with Python int/float fields, so that numba compiles
+    `train_local` once whatever number types the caller had."""
+    return TrainSettings(int(epochs), int(batch), int(loss), int(opt), float(lr),
+                         float(momentum), float(weight_decay), float(beta1), float(beta2),
+                         float(eps), float(prox_mu))
 
 TILE = 64  # samples per pass through the layers; bigger minibatches are tiled
 # Samples whose forward pass shares each loaded vector of weights: 5 divides
@@ -521,16 +554,20 @@ def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws)
 
 
 @njit(cache=True)
-def train_local(params, sizes, woff, boff, x, xscale, y, order, epochs, batch,
-                loss_kind, opt, lr, momentum, weight_decay, beta1, beta2, eps,
-                prox_mu, anchor, correction, grad, state, ws):
-    """Run `epochs` epochs of minibatch training in place on `params`.
+def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor, correction,
+                grad, state, ws):
+    """Run `settings.epochs` epochs of minibatch training in place on `params`.
 
     order: epochs * n sample indices; epoch e visits order[e*n:(e+1)*n] in
-    that order, in minibatches of `batch` (0 = the full n); the last
-    minibatch of an epoch may be smaller. Returns (sum of per-sample losses
-    seen before each step, number of samples seen, number of steps).
+    that order, in minibatches of `settings.batch` (0 = the full n); the last
+    minibatch of an epoch may be smaller. anchor (FedProx) and correction
+    (SCAFFOLD) are used when they have the parameters' length (pass empty
+    arrays otherwise). Returns (sum of per-sample losses seen before each
+    step, number of samples seen, number of steps).
     """
+    epochs, batch, loss_kind, opt = settings.epochs, settings.batch, settings.loss, settings.opt
+    lr, momentum, weight_decay = settings.lr, settings.momentum, settings.weight_decay
+    beta1, beta2, eps, prox_mu = settings.beta1, settings.beta2, settings.eps, settings.prox_mu
     n = order.shape[0] // epochs
     if batch <= 0 or batch > n:
         batch = n
