@@ -18,8 +18,6 @@ Why these loops are fast at the small batches federated learning uses:
   loaded from L2 serves five samples; the weight update keeps 64 floats of
   one row of W_l in 4 vectors while it adds in every sample whose input is
   non-zero, so a row is loaded and stored once per minibatch.
-- Evaluation has its own forward-only loop that takes each group of samples
-  through all the layers, so only the weights and a few rows stay live.
 - The delta buffers are cache-line aligned with rows padded to whole vectors:
   a vector load that straddles two cache lines costs about twice as much.
 - For plain SGD the weight update is fused into the backward pass: layer l's
@@ -320,47 +318,42 @@ def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True):
 
 
 @njit(cache=True)
-def _sample_loss(acts, o, ncls, t, loss_kind, deltas, dl, want_delta):
-    """Loss of the sample whose outputs are acts[o:o+ncls] and label t, whether its
-    argmax is t, and if wanted dLoss/dOutput into deltas[dl:dl+ncls]."""
-    best = 0
-    m = acts[o]
-    for c in range(1, ncls):
-        if acts[o + c] > m:
-            m = acts[o + c]
-            best = c
-    if loss_kind == LOSS_CE:
-        s = 0.0
-        for c in range(ncls):
-            s += np.exp(np.float64(acts[o + c] - m))
-        loss = np.log(s) + m - acts[o + t]
-        if want_delta:
-            for c in range(ncls):
-                p = np.exp(np.float64(acts[o + c] - m)) / s
-                deltas[dl + c] = p - (1.0 if c == t else 0.0)
-    else:
-        s = 0.0
-        for c in range(ncls):
-            e = acts[o + c] - (1.0 if c == t else 0.0)
-            s += e * e
-            if want_delta:
-                deltas[dl + c] = 2.0 * e / ncls
-        loss = s / ncls
-    return loss, best == t
-
-
-@njit(cache=True)
 def _loss_and_delta(acts, out_off, nb, ncls, y, rows, loss_kind, deltas, want_delta):
-    """Sum of the losses of nb samples (in sample order) and, if wanted,
-    dLoss/dOutput per sample; also how many were classified correctly (argmax)."""
+    """Sum of the losses of nb samples and, if wanted, dLoss/dOutput per sample.
+
+    Also returns how many samples were classified correctly (argmax).
+    """
     loss = 0.0
     correct = 0
     ld = _ld(ncls)
     for b in range(nb):
-        lb, ok = _sample_loss(acts, out_off + b * ncls, ncls, y[rows[b]], loss_kind, deltas,
-                              b * ld, want_delta)
-        loss += lb
-        correct += ok
+        o = out_off + b * ncls
+        t = y[rows[b]]
+        best = 0
+        m = acts[o]
+        for c in range(1, ncls):
+            if acts[o + c] > m:
+                m = acts[o + c]
+                best = c
+        if best == t:
+            correct += 1
+        if loss_kind == LOSS_CE:
+            s = 0.0
+            for c in range(ncls):
+                s += np.exp(np.float64(acts[o + c] - m))
+            loss += np.log(s) + m - acts[o + t]
+            if want_delta:
+                for c in range(ncls):
+                    p = np.exp(np.float64(acts[o + c] - m)) / s
+                    deltas[b * ld + c] = p - (1.0 if c == t else 0.0)
+        else:
+            s = 0.0
+            for c in range(ncls):
+                e = acts[o + c] - (1.0 if c == t else 0.0)
+                s += e * e
+                if want_delta:
+                    deltas[b * ld + c] = 2.0 * e / ncls
+            loss += s / ncls
     return loss, correct
 
 
@@ -598,63 +591,16 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
 
 
 @njit(cache=True)
-def _compress_input_group(x, xscale, r0, g, n_in, grp_idx, grp_val):
-    """`_compress_group` straight from rows r0..r0+g-1 of the data (g <= GROUP),
-    scaled as `_forward` scales them, without writing the input layer."""
-    z = np.float32(0.0)
-    cnt = 0
-    for k in range(n_in):
-        v0 = np.float32(x[r0, k] * xscale)
-        v1 = np.float32(x[r0 + 1, k] * xscale) if g > 1 else z
-        v2 = np.float32(x[r0 + 2, k] * xscale) if g > 2 else z
-        v3 = np.float32(x[r0 + 3, k] * xscale) if g > 3 else z
-        v4 = np.float32(x[r0 + 4, k] * xscale) if g > 4 else z
-        grp_idx[cnt] = k
-        grp_val[GROUP * cnt] = v0
-        grp_val[GROUP * cnt + 1] = v1
-        grp_val[GROUP * cnt + 2] = v2
-        grp_val[GROUP * cnt + 3] = v3
-        grp_val[GROUP * cnt + 4] = v4
-        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
-    return cnt
-
-
-@njit(cache=True)
 def evaluate(params, sizes, woff, boff, x, xscale, y, start, stop, loss_kind, ws):
-    """(sum of losses, number correct) over samples start..stop-1 of (x, y).
-
-    Forward only, GROUP samples at a time through all the layers, so that only
-    the weights and a few rows of activations are live (the training forward
-    pass keeps a tile's activations for the backward pass: ~300 KB at 64
-    samples, which pushed W_1 out of L2). Every output is the same sum in the
-    same order as in `_forward`, and the losses are added in sample order
-    within tiles of TILE samples, the tiles' sums then in order: the numbers
-    `_forward` + `_loss_and_delta` give, bit for bit.
-    """
-    acts, deltas, _, _, _, grp_idx, grp_val = ws
-    nlayers = sizes.shape[0] - 1
-    ncls = sizes[nlayers]
-    half = GROUP * np.max(sizes[1:])  # activations ping-pong between acts[:half] and acts[half:]
+    """(sum of losses, number correct) over samples start..stop-1 of (x, y)."""
+    ncls = sizes[sizes.shape[0] - 1]
     loss = 0.0
     correct = 0
-    for t0 in range(start, stop, TILE):
-        t1 = min(stop, t0 + TILE)
-        tile_loss = 0.0
-        for r0 in range(t0, t1, GROUP):
-            g = min(GROUP, t1 - r0)
-            cnt = _compress_input_group(x, xscale, r0, g, sizes[0], grp_idx, grp_val)
-            a_off = 0
-            for l in range(nlayers):
-                if l > 0:
-                    cnt = _compress_group(acts, a_off, sizes[l], 0, g, grp_idx, grp_val)
-                z_off = half - a_off
-                _dense_group(params, woff[l], boff[l], sizes[l + 1], grp_idx, grp_val, cnt,
-                             acts, z_off, g, l < nlayers - 1)
-                a_off = z_off
-            for b in range(g):
-                lb, ok = _sample_loss(acts, a_off + b * ncls, ncls, y[r0 + b], loss_kind,
-                                      deltas, 0, False)
-                tile_loss += lb
-                correct += ok
-        loss += tile_loss
+    rows = np.arange(start, stop)
+    for t0 in range(0, rows.shape[0], TILE):
+        tile = rows[t0:min(rows.shape[0], t0 + TILE)]
+        out = _forward(params, sizes, woff, boff, x, xscale, tile, ws, False)
+        l, c = _loss_and_delta(ws[0], out, tile.shape[0], ncls, y, tile, loss_kind, ws[1], False)
+        loss += l
+        correct += c
     return loss, correct
