@@ -114,7 +114,7 @@ def workspace(sizes: np.ndarray):
     nz_*: per layer input, the non-zero entries of each input unit's column
     (sample index and value, CSR over input units), left by the forward pass
     for the backward pass; grp_*: the input units that are non-zero in any of
-    a group of four samples and those samples' inputs, for the forward pass.
+    a group of GROUP samples and those samples' inputs, for the forward pass.
     """
     n_inputs = int(np.sum(sizes[:-1]))
     max_in = int(np.max(sizes[:-1]))

@@ -12,6 +12,9 @@ untouched) for the last < 16 floats of a row.
 NUMBA_CPU_NAME / NUMBA_CPU_FEATURES); the kernels read it as a compile-time
 constant to choose their register blocking -- only how many independent
 outputs are kept in registers at once, never the order of any output's sums.
+
+numba's on-disk cache of the kernels is keyed on kernels.py (and the target
+CPU), not on this file: after editing this file, touch kernels.py.
 """
 
 from __future__ import annotations
