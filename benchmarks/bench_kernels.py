@@ -198,11 +198,22 @@ def interleaved(runs, repeats):
     return times, results
 
 
+def aligned_copy(p):
+    """p in a cache-line aligned buffer, as fedmpi trains clients (a plain copy may
+    start mid-line, and then every vector load of the weights straddles two lines)."""
+    from fedmpi.model.simd import aligned_zeros
+
+    out = aligned_zeros(p.size)
+    out[:] = p
+    return out
+
+
 def bench_train(p0, x, y, order, batch, repeats):
     """Per-repeat CPU seconds of (fedmpi, numpy) for one epoch, and their mean losses."""
     fed = fedmpi_trainer(x, y, batch)
-    fed(p0.copy(), order[:2 * batch])
-    runs = [lambda: fed(p0.copy(), order), lambda: numpy_train(p0.copy(), x, y, order, batch)]
+    fed(aligned_copy(p0), order[:2 * batch])
+    runs = [lambda: fed(aligned_copy(p0), order),
+            lambda: numpy_train(aligned_copy(p0), x, y, order, batch)]
     times, results = interleaved(runs, repeats)
     return times, [r / order.size for r in results]
 
@@ -319,7 +330,7 @@ def main(argv=None):
         times, (fl, nl) = bench_train(p0, x, y, order, batch, args.repeats)
         report(batch, args.samples, times, bound, f"{fl:.5f} / {nl:.5f}")
     # evaluate a trained model (realistic ReLU sparsity), as the round loop does
-    trained = p0.copy()
+    trained = aligned_copy(p0)
     fedmpi_trainer(x, y, 10)(trained, order)
     times, ((fl, fc), (nl, nc)) = bench_eval(trained, x, y, args.repeats)
     report("eval", args.samples, times, None,
