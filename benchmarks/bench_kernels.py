@@ -1,6 +1,6 @@
 """Single-thread local-training throughput: fedmpi's numba kernels vs plain NumPy.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--samples 6000] [--repeats 3]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--samples 6000] [--repeats 5]
 
 For the 784-200-200-10 MLP with plain SGD (softmax cross-entropy) this
 prints, all measured in the same run on one thread:
