@@ -43,11 +43,13 @@ class LocalTrainer:
         cfg = self.cfg
         order = np.concatenate([indices[rng.permutation(indices.shape[0])]
                                 for _ in range(cfg.local_epochs)])
+        settings = kernels.train_settings(
+            cfg.local_epochs, cfg.batch_size, self._loss, self._opt, cfg.lr, cfg.momentum,
+            cfg.weight_decay, prox_mu=prox_mu)
         loss, seen, steps = kernels.train_local(
             params, self._sizes, self._woff, self._boff, self.data.x_train, self._xscale,
-            self.data.y_train, order, cfg.local_epochs, cfg.batch_size, self._loss, self._opt,
-            cfg.lr, cfg.momentum, cfg.weight_decay, 0.9, 0.999, 1e-8, prox_mu, anchor,
-            correction, self._grad, self._state, self._ws)
+            self.data.y_train, order, settings, anchor, correction, self._grad, self._state,
+            self._ws)
         return float(loss), int(seen), int(steps)
 
     def gradient(self, params: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, float]:

@@ -171,9 +171,10 @@ def run_train(model, p, x, xscale, y, order, epochs, batch, loss_kind, opt, lr,
     p = p.copy()
     grad = np.zeros(model.num_params, np.float32)
     state = np.full(2 * model.num_params, np.nan, np.float32)  # must be reset by the kernel
-    loss, seen, steps = K.train_local(p, sizes, woff, boff, x, xscale, y, order, epochs, batch,
-                                      loss_kind, opt, lr, momentum, weight_decay, beta1, beta2,
-                                      eps, prox_mu, anchor, correction, grad, state, ws)
+    settings = K.train_settings(epochs, batch, loss_kind, opt, lr, momentum, weight_decay,
+                                beta1, beta2, eps, prox_mu)
+    loss, seen, steps = K.train_local(p, sizes, woff, boff, x, xscale, y, order, settings,
+                                      anchor, correction, grad, state, ws)
     return p, loss, seen, steps
 
 
@@ -440,3 +441,96 @@ def test_bitwise_deterministic(opt, momentum, batch):
     assert la == lb
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, p)
+
+
+# ----------------------------------------------------------------------------
+# Same bits on every instruction set
+# ----------------------------------------------------------------------------
+
+def _isa_workload():
+    """Training (fused SGD, momentum, Adam, tiled minibatches, MSE), a gradient
+    and evaluations on a sparse production-shaped model and on an odd-shaped
+    one; returns every result as arrays, to be compared bit for bit."""
+    out = {}
+    for name, sizes in (("fmnist", (784, 200, 200, 10)), ("odd", (50, 37, 70, 3))):
+        rng = np.random.default_rng(95)
+        model, p = make_model(sizes, 11)
+        x, xscale, y = make_data(rng, 120, sizes[0], sizes[-1], np.uint8, zero_frac=0.5)
+        order = _order(rng, 120, 2)
+        runs = ((10, K.LOSS_CE, K.OPT_SGD, 0.05, 0.0), (50, K.LOSS_CE, K.OPT_SGD, 0.05, 0.0),
+                (7, K.LOSS_MSE, K.OPT_SGD, 0.1, 0.9), (0, K.LOSS_CE, K.OPT_ADAM, 1e-3, 0.0),
+                (100, K.LOSS_CE, K.OPT_SGD, 0.05, 0.0))
+        for i, (batch, loss_kind, opt, lr, momentum) in enumerate(runs):
+            got, loss, _, _ = run_train(model, p, x, xscale, y, order, 2, batch, loss_kind, opt,
+                                        lr, momentum=momentum)
+            out[f"{name}_train{i}"] = got
+            out[f"{name}_loss{i}"] = np.float64(loss)
+        sizes_a, woff, boff = kargs(model)
+        ws = K.workspace(sizes_a)
+        grad = np.zeros(model.num_params, np.float32)
+        out[f"{name}_gradloss"] = np.float64(K.gradient(
+            got, sizes_a, woff, boff, x, xscale, y, order[:70].copy(), K.LOSS_CE, grad, ws))
+        out[f"{name}_grad"] = grad
+        for loss_kind in (K.LOSS_CE, K.LOSS_MSE):
+            loss, correct = K.evaluate(got, sizes_a, woff, boff, x, xscale, y, 3, 120, loss_kind,
+                                       ws)
+            out[f"{name}_eval{loss_kind}"] = np.array([loss, correct], np.float64)
+    return out
+
+
+_ISA_CHILD = """
+import runpy, sys
+import numpy as np
+from fedmpi.model import simd
+ns = runpy.run_path(sys.argv[1])
+np.savez(sys.argv[2], vector_bits=simd.VECTOR_BITS, **ns["_isa_workload"]())
+"""
+
+
+def _host_has(feature):
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().flatten().count("+" + feature))
+
+
+# (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, vector width the kernels must then compile for,
+#  host feature needed to run that code)
+ISAS = {"sse2": ("generic", "", 128, "sse2"), "avx2": ("haswell", "", 256, "avx2"),
+        "avx512": ("skylake-avx512", "", 512, "avx512f")}
+
+
+def test_same_bits_on_sse2_avx2_avx512(tmp_path):
+    """The kernels' arithmetic is spelled out lane by lane (no FMA contraction,
+    fixed reduction trees) and only their register blocking depends on the
+    vector width, so code compiled for SSE2, AVX2 (which has FMA) and AVX-512
+    must give the same bits as this process's native code. Each instruction
+    set is compiled in a child process (numba reads NUMBA_CPU_NAME at import);
+    one the host cannot run is skipped, and the test says so."""
+    import os
+    import subprocess
+    import sys
+
+    runnable = {k: v for k, v in ISAS.items() if _host_has(v[3])}
+    children = {}
+    for isa, (cpu, feats, _, _) in runnable.items():
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=feats)
+        out = tmp_path / f"{isa}.npz"
+        children[isa] = (out, subprocess.Popen(
+            [sys.executable, "-c", _ISA_CHILD, __file__, str(out)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    want = _isa_workload()
+    for isa, (out, proc) in children.items():
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{isa} child failed:\n{log}"
+        got = np.load(out)
+        assert int(got["vector_bits"]) == runnable[isa][2], isa  # the blocking really differs
+        for key, ref in want.items():
+            a, b = np.atleast_1d(got[key]), np.atleast_1d(np.asarray(ref))
+            assert a.dtype == b.dtype and a.shape == b.shape, (isa, key)
+            # compare the bit patterns (also tells -0.0 from 0.0)
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8),
+                                          err_msg=f"{isa}: {key}")
+    missing = sorted(set(ISAS) - set(runnable))
+    if missing:
+        pytest.skip(f"compared {sorted(runnable)} with native code; this CPU cannot run "
+                    f"{missing}")

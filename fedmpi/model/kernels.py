@@ -8,16 +8,16 @@ Why these loops are fast at the small batches federated learning uses:
 - Zero inputs are skipped. About half of Fashion-MNIST's pixels and half of
   the ReLU outputs are exactly zero; each layer's input is compressed to its
   non-zero entries and only those rows of W_l are touched: in the forward
-  pass (rows that are zero for all of a group of 4 samples), in the weight
-  update and in the input delta (per sample and input unit).
-- The layer loops are register-blocked with explicit SIMD (the `_v*`
-  intrinsics below), because the loops LLVM vectorises by itself load and
+  pass (rows that are zero for all of a group of GROUP = 5 samples), in the
+  weight update and in the input delta (per sample and input unit).
+- The layer loops are register-blocked with explicit SIMD (the intrinsics of
+  `fedmpi.model.simd`), because the loops LLVM vectorises by itself load and
   store the accumulator for every input (the previous version of these
-  kernels; 1.5-1.8x slower overall). The forward pass keeps 32 outputs of 4
-  samples in 8 vector registers, so each vector of W_l loaded from L2 serves
-  four samples; the weight update keeps 64 floats of one row of W_l in 4
-  registers while it adds in every sample whose input is non-zero, so a row
-  is loaded and stored once per minibatch.
+  kernels; 1.5-1.8x slower overall). The forward pass keeps 32 outputs (16
+  with AVX2's 16 registers) of 5 samples in registers, so each vector of W_l
+  loaded from L2 serves five samples; the weight update keeps 64 floats of
+  one row of W_l in 4 vectors while it adds in every sample whose input is
+  non-zero, so a row is loaded and stored once per minibatch.
 - The delta buffers are cache-line aligned with rows padded to whole vectors:
   a vector load that straddles two cache lines costs about twice as much.
 - For plain SGD the weight update is fused into the backward pass: layer l's
@@ -33,17 +33,21 @@ and add, never a fused multiply-add; dot products reduced lane-wise, then by
 a fixed halving tree). The results are therefore bitwise repeatable on a
 machine and across ranks, and do not depend on the CPU's vector width:
 AVX-512, AVX2 and plain SSE2 code (NUMBA_CPU_NAME=generic) give the same bits
-(checked for train_local; exp/log come from the C library, so use the same
-software stack on every node).
+-- the register blocking chosen per vector width groups independent outputs,
+never the terms of one sum (tests/test_kernels.py compiles all three in child
+processes and compares the bits of training, gradients and evaluation; exp/log
+come from the C library, so use the same software stack on every node).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import njit
+
+from fedmpi.model.simd import (VECTOR_BITS, VW, aligned_zeros, vadd, vload, vload_m,
+                               vmuladd, vrelu, vsplat, vstore, vstore_m, vsum, vzero)
 
 LOSS_CE = 0  # softmax cross-entropy
 LOSS_MSE = 1  # mean over classes of (output - one_hot)^2, linear outputs
@@ -53,199 +57,46 @@ OPT_SGD = 0
 OPT_ADAM = 1
 OPTIMIZERS = {"sgd": OPT_SGD, "adam": OPT_ADAM}
 
+# the client optimizer's Adam constants (PyTorch's defaults)
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+
+class TrainSettings(NamedTuple):
+    """The scalar settings of one `train_local` call (numba takes it as a tuple);
+    build it with `train_settings`, which fixes the field types."""
+    epochs: int
+    batch: int  # 0 = full batch
+    loss: int  # LOSS_*
+    opt: int  # OPT_*
+    lr: float
+    momentum: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    prox_mu: float  # FedProx's mu; used only with an anchor
+
+
+def train_settings(epochs, batch, loss=LOSS_CE, opt=OPT_SGD, lr=0.01, momentum=0.0,
+                   weight_decay=0.0, beta1=ADAM_BETA1, beta2=ADAM_BETA2, eps=ADAM_EPS,
+                   prox_mu=0.0) -> TrainSettings:
+    """TrainSettings with Python int/float fields, so that numba compiles
+    `train_local` once whatever number types the caller had."""
+    return TrainSettings(int(epochs), int(batch), int(loss), int(opt), float(lr),
+                         float(momentum), float(weight_decay), float(beta1), float(beta2),
+                         float(eps), float(prox_mu))
+
 TILE = 64  # samples per pass through the layers; bigger minibatches are tiled
-
-# ----------------------------------------------------------------------------
-# Explicit SIMD: a 16 x float32 vector type and the few operations the layer
-# loops need, as numba intrinsics emitting LLVM vector IR. A vector value lives
-# in a register (one zmm with AVX-512, two ymm with AVX2); the arithmetic has
-# no fast-math flags, so LLVM neither contracts it into FMAs nor reorders it.
-# No bounds checks: callers keep every access inside its array, using the
-# masked load/store (lanes >= n untouched) for the last < 16 floats of a row.
-# ----------------------------------------------------------------------------
-
-VW = 16  # floats per vector
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_VEC = ir.VectorType(_F32, VW)
-_VPTR = _VEC.as_pointer()
-_MASK = ir.VectorType(ir.IntType(1), VW)
-
-
-class _F32Vec(types.Type):
-    def __init__(self):
-        super().__init__(name=f"float32x{VW}")
-
-
-f32vec = _F32Vec()
-
-
-@register_model(_F32Vec)
-class _F32VecModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VEC)
-
-
-def _is_vec_array(arr):
-    """Only contiguous 1-D float32 arrays: the element address is data + i."""
-    return (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
-            and arr.dtype == types.float32)
-
-
-def _vaddr(context, builder, arrty, arr, i):
-    a = context.make_array(arrty)(context, builder, arr)
-    return builder.bitcast(builder.gep(a.data, [i], inbounds=True), _VPTR)
-
-
-def _vmask(builder, n):
-    """Lanes 0..n-1 on (all of them for n >= VW)."""
-    n = builder.select(builder.icmp_signed(">", n, ir.Constant(n.type, VW)),
-                       ir.Constant(n.type, VW), n)
-    n = builder.trunc(n, _I32)
-    nv = builder.insert_element(ir.Constant(ir.VectorType(_I32, VW), None), n,
-                                ir.Constant(_I32, 0))
-    nv = builder.shuffle_vector(nv, nv, ir.Constant(ir.VectorType(_I32, VW), [0] * VW))
-    lanes = ir.Constant(ir.VectorType(_I32, VW), list(range(VW)))
-    return builder.icmp_signed("<", lanes, nv)
-
-
-@intrinsic
-def _vload(typingctx, arr, i):
-    """arr[i:i+VW] as a vector."""
-    if not _is_vec_array(arr):
-        return None
-    sig = f32vec(arr, types.intp)
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_vaddr(context, builder, sig.args[0], args[0], args[1]), align=4)
-    return sig, codegen
-
-
-@intrinsic
-def _vstore(typingctx, arr, i, v):
-    """arr[i:i+VW] = v."""
-    if not _is_vec_array(arr):
-        return None
-    sig = types.void(arr, types.intp, f32vec)
-
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _vaddr(context, builder, sig.args[0], args[0], args[1]), align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def _vload_m(typingctx, arr, i, n):
-    """arr[i:i+n] in lanes 0..n-1, zeros above; reads nothing past arr[i+n-1]."""
-    if not _is_vec_array(arr):
-        return None
-    sig = f32vec(arr, types.intp, types.intp)
-
-    def codegen(context, builder, sig, args):
-        p = _vaddr(context, builder, sig.args[0], args[0], args[1])
-        fnty = ir.FunctionType(_VEC, [_VPTR, _I32, _MASK, _VEC])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.load.v{VW}f32.p0")
-        return builder.call(fn, [p, ir.Constant(_I32, 4), _vmask(builder, args[2]),
-                                 ir.Constant(_VEC, None)])
-    return sig, codegen
-
-
-@intrinsic
-def _vstore_m(typingctx, arr, i, v, n):
-    """arr[i:i+n] = lanes 0..n-1 of v; writes nothing else."""
-    if not _is_vec_array(arr):
-        return None
-    sig = types.void(arr, types.intp, f32vec, types.intp)
-
-    def codegen(context, builder, sig, args):
-        p = _vaddr(context, builder, sig.args[0], args[0], args[1])
-        fnty = ir.FunctionType(ir.VoidType(), [_VEC, _VPTR, _I32, _MASK])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.store.v{VW}f32.p0")
-        builder.call(fn, [args[2], p, ir.Constant(_I32, 4), _vmask(builder, args[3])])
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def _vsplat(typingctx, x):
-    """x in every lane."""
-    sig = f32vec(types.float32)
-
-    def codegen(context, builder, sig, args):
-        v = builder.insert_element(ir.Constant(_VEC, None), args[0], ir.Constant(_I32, 0))
-        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, VW), [0] * VW))
-    return sig, codegen
-
-
-@intrinsic
-def _vzero(typingctx):
-    sig = f32vec()
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_VEC, None)
-    return sig, codegen
-
-
-@intrinsic
-def _vmuladd(typingctx, acc, a, b):
-    """acc + a * b, rounded after the multiply and after the add (never an FMA)."""
-    sig = f32vec(f32vec, f32vec, f32vec)
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], builder.fmul(args[1], args[2]))
-    return sig, codegen
-
-
-@intrinsic
-def _vadd(typingctx, a, b):
-    sig = f32vec(f32vec, f32vec)
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return sig, codegen
-
-
-@intrinsic
-def _vrelu(typingctx, v):
-    """v where v >= 0 (or NaN), else 0."""
-    sig = f32vec(f32vec)
-
-    def codegen(context, builder, sig, args):
-        z = ir.Constant(_VEC, None)
-        return builder.select(builder.fcmp_ordered("<", args[0], z), z, args[0])
-    return sig, codegen
-
-
-@intrinsic
-def _vsum(typingctx, v):
-    """Sum of the lanes by a fixed halving tree: (lanes 0-7 + 8-15), then 0-3 + 4-7, ..."""
-    sig = types.float32(f32vec)
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        w = VW
-        while w > 1:
-            h = w // 2
-            half_t = ir.VectorType(_I32, h)
-            lo = builder.shuffle_vector(v, v, ir.Constant(half_t, list(range(h))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(half_t, list(range(h, w))))
-            v = builder.fadd(lo, hi)
-            w = h
-        return builder.extract_element(v, ir.Constant(_I32, 0))
-    return sig, codegen
-
+# Samples whose forward pass shares each loaded vector of weights: 5 divides
+# the FedAvg paper's minibatches (10, 50), so no lanes are computed for
+# missing samples there; 5 x the registers per sample fit both AVX-512 and AVX2.
+GROUP = 5
 
 # ----------------------------------------------------------------------------
 # Layer kernels
 # ----------------------------------------------------------------------------
-
-def aligned_zeros(n, dtype=np.float32):
-    """Zeros starting on a 64-byte (cache line) boundary."""
-    itemsize = np.dtype(dtype).itemsize
-    buf = np.zeros(n + 64 // itemsize, dtype)
-    off = (-buf.ctypes.data % 64) // itemsize
-    return buf[off:off + n]
-
 
 @njit(cache=True)
 def _ld(n):
@@ -263,7 +114,7 @@ def workspace(sizes: np.ndarray):
     nz_*: per layer input, the non-zero entries of each input unit's column
     (sample index and value, CSR over input units), left by the forward pass
     for the backward pass; grp_*: the input units that are non-zero in any of
-    a group of four samples and those samples' inputs, for the forward pass.
+    a group of GROUP samples and those samples' inputs, for the forward pass.
     """
     n_inputs = int(np.sum(sizes[:-1]))
     max_in = int(np.max(sizes[:-1]))
@@ -273,7 +124,7 @@ def workspace(sizes: np.ndarray):
     nz_val = np.zeros(TILE * n_inputs, np.float32)
     nz_ptr = np.zeros(n_inputs + len(sizes), np.int64)
     grp_idx = np.zeros(max_in, np.int32)
-    grp_val = np.zeros(4 * max_in, np.float32)
+    grp_val = np.zeros(GROUP * max_in, np.float32)
     return acts, deltas, nz_idx, nz_val, nz_ptr, grp_idx, grp_val
 
 
@@ -298,11 +149,11 @@ def _compress(acts, a_off, nb, n_in, nz_idx, nz_val, nz_ptr, p_off, q_off):
 
 @njit(cache=True)
 def _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val):
-    """The input units k that are non-zero in any of samples b0..b0+g-1 (g <= 4).
+    """The input units k that are non-zero in any of samples b0..b0+g-1 (g <= GROUP).
 
-    grp_idx[c] = k and grp_val[4c:4c+4] = the g samples' inputs k (0 for the
-    missing samples of a short group), for c < the returned count; branch-free
-    like `_compress`.
+    grp_idx[c] = k and grp_val[GROUP*c:GROUP*c+GROUP] = the g samples' inputs k
+    (0 for the missing samples of a short group), for c < the returned count;
+    branch-free like `_compress`.
     """
     z = np.float32(0.0)
     o0 = a_off + b0 * n_in
@@ -312,83 +163,120 @@ def _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val):
         v1 = acts[o0 + n_in + k] if g > 1 else z
         v2 = acts[o0 + 2 * n_in + k] if g > 2 else z
         v3 = acts[o0 + 3 * n_in + k] if g > 3 else z
+        v4 = acts[o0 + 4 * n_in + k] if g > 4 else z
         grp_idx[cnt] = k
-        grp_val[4 * cnt] = v0
-        grp_val[4 * cnt + 1] = v1
-        grp_val[4 * cnt + 2] = v2
-        grp_val[4 * cnt + 3] = v3
-        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0)
+        grp_val[GROUP * cnt] = v0
+        grp_val[GROUP * cnt + 1] = v1
+        grp_val[GROUP * cnt + 2] = v2
+        grp_val[GROUP * cnt + 3] = v3
+        grp_val[GROUP * cnt + 4] = v4
+        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
     return cnt
+
+
+# Vectors of outputs per sample that the forward pass keeps in registers: 5
+# samples x 2 vectors = 10 of AVX-512's 32 zmm registers; with AVX2's 16 ymm
+# (two per vector) that would be 20 and spill in the inner loop, so there it
+# is 1 vector per sample (10 ymm). Chosen when numba compiles, from the target
+# it compiles for; only the outputs' grouping changes, not their sums.
+_FWD_NV = 2 if VECTOR_BITS >= 512 else 1
+
+
+@njit(cache=True)
+def _store_group(acts, zo, n_out, j, g, a0, a1, a2, a3, a4, relu):
+    """Rows zo, zo+n_out, ... (g of them) of acts at column j: one full vector each."""
+    if relu:
+        a0, a1, a2, a3, a4 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3), vrelu(a4)
+    vstore(acts, zo + j, a0)
+    if g > 1:
+        vstore(acts, zo + n_out + j, a1)
+    if g > 2:
+        vstore(acts, zo + 2 * n_out + j, a2)
+    if g > 3:
+        vstore(acts, zo + 3 * n_out + j, a3)
+    if g > 4:
+        vstore(acts, zo + 4 * n_out + j, a4)
 
 
 @njit(cache=True)
 def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu):
-    """Outputs of a group of g <= 4 samples (rows zo, zo+n_out, ... of acts).
+    """Outputs of a group of g <= GROUP samples (rows zo, zo+n_out, ... of acts).
 
     z = bias + sum over the group's non-zero inputs k of a_k * W[k], in
-    increasing k; 32 outputs of each of the 4 samples stay in 8 vector
-    registers, so each loaded vector of W serves four samples (W_1 does not
+    increasing k; _FWD_NV vectors of outputs of each of the GROUP samples stay
+    in registers, so each loaded vector of W serves all of them (W_1 does not
     fit in L1: loading it once per sample made the forward pass L2-bound).
     A sample whose input k is zero adds 0 * W[k], which changes nothing (for
-    finite weights); a row-wise skip per sample would need a branch or
-    W loaded once per sample, both slower.
+    finite weights; at most the sign of an exact zero, which no later step
+    can see); a row-wise skip per sample would need a branch or W loaded
+    once per sample, both slower.
     """
     j0 = 0
-    while j0 + 2 * VW <= n_out:
-        c0 = _vload(params, bo + j0)
-        c1 = _vload(params, bo + j0 + VW)
-        a00, a01, a10, a11, a20, a21, a30, a31 = c0, c1, c0, c1, c0, c1, c0, c1
+    if _FWD_NV == 2:
+        while j0 + 2 * VW <= n_out:
+            c0 = vload(params, bo + j0)
+            c1 = vload(params, bo + j0 + VW)
+            a00, a01, a10, a11, a20, a21, a30, a31 = c0, c1, c0, c1, c0, c1, c0, c1
+            a40, a41 = c0, c1
+            for q in range(cnt):
+                o = wo + np.int64(grp_idx[q]) * n_out + j0
+                w0 = vload(params, o)
+                w1 = vload(params, o + VW)
+                v = GROUP * q
+                s = vsplat(grp_val[v])
+                a00 = vmuladd(a00, s, w0)
+                a01 = vmuladd(a01, s, w1)
+                s = vsplat(grp_val[v + 1])
+                a10 = vmuladd(a10, s, w0)
+                a11 = vmuladd(a11, s, w1)
+                s = vsplat(grp_val[v + 2])
+                a20 = vmuladd(a20, s, w0)
+                a21 = vmuladd(a21, s, w1)
+                s = vsplat(grp_val[v + 3])
+                a30 = vmuladd(a30, s, w0)
+                a31 = vmuladd(a31, s, w1)
+                s = vsplat(grp_val[v + 4])
+                a40 = vmuladd(a40, s, w0)
+                a41 = vmuladd(a41, s, w1)
+            _store_group(acts, zo, n_out, j0, g, a00, a10, a20, a30, a40, relu)
+            _store_group(acts, zo, n_out, j0 + VW, g, a01, a11, a21, a31, a41, relu)
+            j0 += 2 * VW
+    while j0 + VW <= n_out:
+        c0 = vload(params, bo + j0)
+        a0, a1, a2, a3, a4 = c0, c0, c0, c0, c0
         for q in range(cnt):
-            o = wo + np.int64(grp_idx[q]) * n_out + j0
-            w0 = _vload(params, o)
-            w1 = _vload(params, o + VW)
-            s = _vsplat(grp_val[4 * q])
-            a00 = _vmuladd(a00, s, w0)
-            a01 = _vmuladd(a01, s, w1)
-            s = _vsplat(grp_val[4 * q + 1])
-            a10 = _vmuladd(a10, s, w0)
-            a11 = _vmuladd(a11, s, w1)
-            s = _vsplat(grp_val[4 * q + 2])
-            a20 = _vmuladd(a20, s, w0)
-            a21 = _vmuladd(a21, s, w1)
-            s = _vsplat(grp_val[4 * q + 3])
-            a30 = _vmuladd(a30, s, w0)
-            a31 = _vmuladd(a31, s, w1)
-        if relu:
-            a00, a01, a10, a11 = _vrelu(a00), _vrelu(a01), _vrelu(a10), _vrelu(a11)
-            a20, a21, a30, a31 = _vrelu(a20), _vrelu(a21), _vrelu(a30), _vrelu(a31)
-        _vstore(acts, zo + j0, a00)
-        _vstore(acts, zo + j0 + VW, a01)
-        if g > 1:
-            _vstore(acts, zo + n_out + j0, a10)
-            _vstore(acts, zo + n_out + j0 + VW, a11)
-        if g > 2:
-            _vstore(acts, zo + 2 * n_out + j0, a20)
-            _vstore(acts, zo + 2 * n_out + j0 + VW, a21)
-        if g > 3:
-            _vstore(acts, zo + 3 * n_out + j0, a30)
-            _vstore(acts, zo + 3 * n_out + j0 + VW, a31)
-        j0 += 2 * VW
-    while j0 < n_out:
-        m = n_out - j0
-        c0 = _vload_m(params, bo + j0, m)
-        a0, a1, a2, a3 = c0, c0, c0, c0
-        for q in range(cnt):
-            w0 = _vload_m(params, wo + np.int64(grp_idx[q]) * n_out + j0, m)
-            a0 = _vmuladd(a0, _vsplat(grp_val[4 * q]), w0)
-            a1 = _vmuladd(a1, _vsplat(grp_val[4 * q + 1]), w0)
-            a2 = _vmuladd(a2, _vsplat(grp_val[4 * q + 2]), w0)
-            a3 = _vmuladd(a3, _vsplat(grp_val[4 * q + 3]), w0)
-        if relu:
-            a0, a1, a2, a3 = _vrelu(a0), _vrelu(a1), _vrelu(a2), _vrelu(a3)
-        _vstore_m(acts, zo + j0, a0, m)
-        if g > 1:
-            _vstore_m(acts, zo + n_out + j0, a1, m)
-        if g > 2:
-            _vstore_m(acts, zo + 2 * n_out + j0, a2, m)
-        if g > 3:
-            _vstore_m(acts, zo + 3 * n_out + j0, a3, m)
+            w0 = vload(params, wo + np.int64(grp_idx[q]) * n_out + j0)
+            v = GROUP * q
+            a0 = vmuladd(a0, vsplat(grp_val[v]), w0)
+            a1 = vmuladd(a1, vsplat(grp_val[v + 1]), w0)
+            a2 = vmuladd(a2, vsplat(grp_val[v + 2]), w0)
+            a3 = vmuladd(a3, vsplat(grp_val[v + 3]), w0)
+            a4 = vmuladd(a4, vsplat(grp_val[v + 4]), w0)
+        _store_group(acts, zo, n_out, j0, g, a0, a1, a2, a3, a4, relu)
         j0 += VW
+    if j0 < n_out:
+        m = n_out - j0
+        c0 = vload_m(params, bo + j0, m)
+        a0, a1, a2, a3, a4 = c0, c0, c0, c0, c0
+        for q in range(cnt):
+            w0 = vload_m(params, wo + np.int64(grp_idx[q]) * n_out + j0, m)
+            v = GROUP * q
+            a0 = vmuladd(a0, vsplat(grp_val[v]), w0)
+            a1 = vmuladd(a1, vsplat(grp_val[v + 1]), w0)
+            a2 = vmuladd(a2, vsplat(grp_val[v + 2]), w0)
+            a3 = vmuladd(a3, vsplat(grp_val[v + 3]), w0)
+            a4 = vmuladd(a4, vsplat(grp_val[v + 4]), w0)
+        if relu:
+            a0, a1, a2, a3, a4 = vrelu(a0), vrelu(a1), vrelu(a2), vrelu(a3), vrelu(a4)
+        vstore_m(acts, zo + j0, a0, m)
+        if g > 1:
+            vstore_m(acts, zo + n_out + j0, a1, m)
+        if g > 2:
+            vstore_m(acts, zo + 2 * n_out + j0, a2, m)
+        if g > 3:
+            vstore_m(acts, zo + 3 * n_out + j0, a3, m)
+        if g > 4:
+            vstore_m(acts, zo + 4 * n_out + j0, a4, m)
 
 
 @njit(cache=True)
@@ -416,8 +304,8 @@ def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True):
         n_in = sizes[l]
         n_out = sizes[l + 1]
         z_off = a_off + nb * n_in
-        for b0 in range(0, nb, 4):
-            g = min(4, nb - b0)
+        for b0 in range(0, nb, GROUP):
+            g = min(GROUP, nb - b0)
             cnt = _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val)
             _dense_group(params, woff[l], boff[l], n_out, grp_idx, grp_val, cnt, acts,
                          z_off + b0 * n_out, g, l < nlayers - 1)
@@ -477,7 +365,7 @@ def _delta_in(params, wo, n_in, n_out, nz_idx, nz_ptr, p_off, deltas, d_out, d_i
     (b, k) -- a zero input is a ReLU that did not fire, whose delta is zero.
     Four vector accumulators take vectors j = 0,1,2,3 mod 4 of the row, the
     tail goes into the first, and they are summed (a0+a1)+(a2+a3), then
-    across lanes by `_vsum`.
+    across lanes by `vsum`.
     """
     ld_in = _ld(n_in)
     ld_out = _ld(n_out)
@@ -488,24 +376,24 @@ def _delta_in(params, wo, n_in, n_out, nz_idx, nz_ptr, p_off, deltas, d_out, d_i
         for q in range(nz_ptr[p_off + k], nz_ptr[p_off + k + 1]):
             b = nz_idx[q]
             dl = d_out + b * ld_out
-            a0 = _vzero()
-            a1 = _vzero()
-            a2 = _vzero()
-            a3 = _vzero()
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
             j0 = 0
             while j0 + 4 * VW <= n_out:
-                a0 = _vmuladd(a0, _vload(params, row + j0), _vload(deltas, dl + j0))
-                a1 = _vmuladd(a1, _vload(params, row + j0 + VW), _vload(deltas, dl + j0 + VW))
-                a2 = _vmuladd(a2, _vload(params, row + j0 + 2 * VW),
-                              _vload(deltas, dl + j0 + 2 * VW))
-                a3 = _vmuladd(a3, _vload(params, row + j0 + 3 * VW),
-                              _vload(deltas, dl + j0 + 3 * VW))
+                a0 = vmuladd(a0, vload(params, row + j0), vload(deltas, dl + j0))
+                a1 = vmuladd(a1, vload(params, row + j0 + VW), vload(deltas, dl + j0 + VW))
+                a2 = vmuladd(a2, vload(params, row + j0 + 2 * VW),
+                              vload(deltas, dl + j0 + 2 * VW))
+                a3 = vmuladd(a3, vload(params, row + j0 + 3 * VW),
+                              vload(deltas, dl + j0 + 3 * VW))
                 j0 += 4 * VW
             while j0 < n_out:
                 m = n_out - j0
-                a0 = _vmuladd(a0, _vload_m(params, row + j0, m), _vload_m(deltas, dl + j0, m))
+                a0 = vmuladd(a0, vload_m(params, row + j0, m), vload_m(deltas, dl + j0, m))
                 j0 += VW
-            deltas[d_in + b * ld_in + k] = _vsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
+            deltas[d_in + b * ld_in + k] = vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
 
 
 @njit(cache=True)
@@ -527,38 +415,38 @@ def _weight_update(target, wo, bo, n_in, n_out, nz_idx, nz_val, nz_ptr, p_off, d
         row = wo + k * n_out
         j0 = 0
         while j0 + 4 * VW <= n_out:
-            t0 = _vload(target, row + j0)
-            t1 = _vload(target, row + j0 + VW)
-            t2 = _vload(target, row + j0 + 2 * VW)
-            t3 = _vload(target, row + j0 + 3 * VW)
+            t0 = vload(target, row + j0)
+            t1 = vload(target, row + j0 + VW)
+            t2 = vload(target, row + j0 + 2 * VW)
+            t3 = vload(target, row + j0 + 3 * VW)
             for q in range(q0, q1):
-                c = _vsplat(scale * nz_val[q])
+                c = vsplat(scale * nz_val[q])
                 dl = d_out + nz_idx[q] * ld + j0
-                t0 = _vmuladd(t0, c, _vload(deltas, dl))
-                t1 = _vmuladd(t1, c, _vload(deltas, dl + VW))
-                t2 = _vmuladd(t2, c, _vload(deltas, dl + 2 * VW))
-                t3 = _vmuladd(t3, c, _vload(deltas, dl + 3 * VW))
-            _vstore(target, row + j0, t0)
-            _vstore(target, row + j0 + VW, t1)
-            _vstore(target, row + j0 + 2 * VW, t2)
-            _vstore(target, row + j0 + 3 * VW, t3)
+                t0 = vmuladd(t0, c, vload(deltas, dl))
+                t1 = vmuladd(t1, c, vload(deltas, dl + VW))
+                t2 = vmuladd(t2, c, vload(deltas, dl + 2 * VW))
+                t3 = vmuladd(t3, c, vload(deltas, dl + 3 * VW))
+            vstore(target, row + j0, t0)
+            vstore(target, row + j0 + VW, t1)
+            vstore(target, row + j0 + 2 * VW, t2)
+            vstore(target, row + j0 + 3 * VW, t3)
             j0 += 4 * VW
         while j0 < n_out:
             m = n_out - j0
-            t0 = _vload_m(target, row + j0, m)
+            t0 = vload_m(target, row + j0, m)
             for q in range(q0, q1):
                 dl = d_out + nz_idx[q] * ld + j0
-                t0 = _vmuladd(t0, _vsplat(scale * nz_val[q]), _vload_m(deltas, dl, m))
-            _vstore_m(target, row + j0, t0, m)
+                t0 = vmuladd(t0, vsplat(scale * nz_val[q]), vload_m(deltas, dl, m))
+            vstore_m(target, row + j0, t0, m)
             j0 += VW
-    s = _vsplat(scale)
+    s = vsplat(scale)
     j0 = 0
     while j0 < n_out:
         m = n_out - j0
-        t0 = _vload_m(target, bo + j0, m)
+        t0 = vload_m(target, bo + j0, m)
         for b in range(nb):
-            t0 = _vmuladd(t0, s, _vload_m(deltas, d_out + b * ld + j0, m))
-        _vstore_m(target, bo + j0, t0, m)
+            t0 = vmuladd(t0, s, vload_m(deltas, d_out + b * ld + j0, m))
+        vstore_m(target, bo + j0, t0, m)
         j0 += VW
 
 
@@ -659,16 +547,20 @@ def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws)
 
 
 @njit(cache=True)
-def train_local(params, sizes, woff, boff, x, xscale, y, order, epochs, batch,
-                loss_kind, opt, lr, momentum, weight_decay, beta1, beta2, eps,
-                prox_mu, anchor, correction, grad, state, ws):
-    """Run `epochs` epochs of minibatch training in place on `params`.
+def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor, correction,
+                grad, state, ws):
+    """Run `settings.epochs` epochs of minibatch training in place on `params`.
 
     order: epochs * n sample indices; epoch e visits order[e*n:(e+1)*n] in
-    that order, in minibatches of `batch` (0 = the full n); the last
-    minibatch of an epoch may be smaller. Returns (sum of per-sample losses
-    seen before each step, number of samples seen, number of steps).
+    that order, in minibatches of `settings.batch` (0 = the full n); the last
+    minibatch of an epoch may be smaller. anchor (FedProx) and correction
+    (SCAFFOLD) are used when they have the parameters' length (pass empty
+    arrays otherwise). Returns (sum of per-sample losses seen before each
+    step, number of samples seen, number of steps).
     """
+    epochs, batch, loss_kind, opt = settings.epochs, settings.batch, settings.loss, settings.opt
+    lr, momentum, weight_decay = settings.lr, settings.momentum, settings.weight_decay
+    beta1, beta2, eps, prox_mu = settings.beta1, settings.beta2, settings.eps, settings.prox_mu
     n = order.shape[0] // epochs
     if batch <= 0 or batch > n:
         batch = n
