@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import select
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -42,6 +46,12 @@ MAX_UNBACKED_BYTES = 64 * 2**20
 _FILTER_EXPANSION = 1000
 
 _LIVE_SECONDS = 30.0  # a file modified this recently may be mid-write by its job
+# HDF5 itself can loop forever or crash on some damaged files (a bit flip in a
+# global heap's size, measured here: reading a string attribute never returns,
+# holding the GIL). So a read runs in a forked child that is killed after
+# READ_SECONDS plus a second per 50 MB of file. Not under MPI, where fork() is
+# unsafe: the runtime's own checkpoint read runs in-process.
+READ_SECONDS = 60.0
 _READ_ATTEMPTS = 6
 
 # What h5py raises on damaged or half-written files (it maps HDF5's errors to
@@ -284,6 +294,8 @@ def _with_file(path: str, read):
         raise UserError(f"{path} is not a regular file, so not a fedmpi results file")
     for attempt in range(_READ_ATTEMPTS):
         try:
+            if _can_fork():
+                return _in_child(path, _read_once, path, read)
             return _read_once(path, read)
         except _Transient as e:
             live = time.time() - os.path.getmtime(path) < _LIVE_SECONDS
@@ -292,6 +304,67 @@ def _with_file(path: str, read):
                                 f"{printable(' '.join(str(e).split()))}") from None
             time.sleep(0.05 * 2 ** attempt)
     raise AssertionError("unreachable")
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this child if its parent dies (no orphan spinning)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _can_fork() -> bool:
+    return hasattr(os, "fork") and "mpi4py.MPI" not in sys.modules
+
+
+def _in_child(path: str, fn, *args):
+    """fn(*args) in a forked child with a time limit; its result or exception comes back."""
+    limit = READ_SECONDS + os.path.getsize(path) / 50e6
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into the caller's code
+        try:
+            _die_with_parent()
+            os.close(r)
+            try:
+                out = ("ok", fn(*args))
+            except (UserError, _Transient) as e:
+                out = (type(e).__name__, str(e))
+            except BaseException as e:  # noqa: BLE001 -- a bug: pass on its name, keep going
+                out = ("bug", f"{type(e).__name__}: {e}")
+            with os.fdopen(w, "wb") as pipe:
+                pickle.dump(out, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + limit
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise UserError(f"reading {path} did not finish in {limit:.0f} s: the HDF5 "
+                                f"library is stuck on it, so the file is probably damaged")
+            chunk = os.read(r, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)  # done (it exits anyway), too slow, or Ctrl-C here
+        _, status = os.waitpid(pid, 0)
+    if not chunks:
+        raise UserError(f"reading {path} crashed the HDF5 library: the file is damaged")
+    kind, value = pickle.loads(b"".join(chunks))
+    if kind == "ok":
+        return value
+    if kind == "UserError":
+        raise UserError(value)
+    if kind == "_Transient":
+        raise _Transient(value)
+    raise RuntimeError(f"reading {path} failed in a child process: {value}")
 
 
 def _read_once(path: str, read):
