@@ -337,6 +337,7 @@ def test_bit_flips(corpus, tmp_path, monkeypatch):
     """Single bit flips in the good file's metadata and data: every reader gives
     'ok' or one line, within the read time limit (HDF5 itself hangs on some)."""
     monkeypatch.setattr(reading, "READ_SECONDS", 5.0)
+    monkeypatch.setattr(reading, "_can_fork", lambda: True)  # whatever imported mpi4py
     data = open(corpus["good"], "rb").read()
     nonzero = [i for i, v in enumerate(data) if v]  # the rest is unused chunk space
     rng = random.Random(13)
@@ -361,6 +362,7 @@ def test_bit_flips(corpus, tmp_path, monkeypatch):
 def test_hang_in_hdf5_is_cut_off(tmp_path, monkeypatch):
     """A read that never returns (simulated: the child sleeps) ends with one line."""
     monkeypatch.setattr(reading, "READ_SECONDS", 0.5)
+    monkeypatch.setattr(reading, "_can_fork", lambda: True)
     path = tmp_path / "good.h5"
     write_good(path)
     real = reading._read_once
