@@ -33,8 +33,11 @@ import numpy as np
 import fedmpi
 from fedmpi.analysis import load, load_many
 from fedmpi.errors import UserError
-from fedmpi.layout import (CLIENT_FIELDS, FLAT_LAYOUT, LAYOUT_VERSION, OPEN_WRITERS,
-                           ROUND_FIELDS, WRITER_LOCKING, layers_from_flat, num_params)
+from fedmpi.layout import CLIENT_FIELDS, LAYOUT_VERSION, ROUND_FIELDS, layers_from_flat
+from fedmpi.layout import FLAT_LAYOUT as _FLAT_LAYOUT
+from fedmpi.layout import OPEN_WRITERS as _OPEN_WRITERS
+from fedmpi.layout import WRITER_LOCKING as _WRITER_LOCKING
+from fedmpi.layout import num_params as _num_params
 from fedmpi.reading import read_checkpoint, read_checkpoint_full, read_run
 
 _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
@@ -166,7 +169,7 @@ class ResultsWriter:
             # create exclusively: a racing job gets an error, not our file.
             os.unlink(path)
         try:
-            self._file = h5py.File(path, "x", locking=WRITER_LOCKING)
+            self._file = h5py.File(path, "x", locking=_WRITER_LOCKING)
         except FileExistsError:
             raise UserError(
                 f"results file {path} already exists: pass --overwrite or "
@@ -176,7 +179,7 @@ class ResultsWriter:
                 from None
         self.path = path
         self._realpath = os.path.realpath(path)
-        OPEN_WRITERS.add(self._realpath)
+        _OPEN_WRITERS.add(self._realpath)
         self._num_rounds = 0
         self._num_client_rows = 0
         self._round_keys: tuple[str, ...] | None = None
@@ -210,8 +213,8 @@ class ResultsWriter:
         # still tells readers how to interpret any parameters written later.
         model = f.create_group("model")
         model.attrs["layer_sizes"] = np.asarray(layer_sizes, dtype="int64")
-        model.attrs["num_params"] = num_params(layer_sizes)
-        model.attrs["description"] = FLAT_LAYOUT
+        model.attrs["num_params"] = _num_params(layer_sizes)
+        model.attrs["description"] = _FLAT_LAYOUT
         self._layer_sizes = layer_sizes
 
         f.create_group("rounds").attrs["description"] = (
@@ -333,7 +336,7 @@ class ResultsWriter:
         """Store a flat parameter vector as /model/<name> (float32)."""
         self._check_open()
         flat = np.asarray(params, dtype="float32")
-        expected = num_params(self._layer_sizes)
+        expected = _num_params(self._layer_sizes)
         if flat.ndim != 1 or flat.size != expected:
             raise ValueError(
                 f"params must be a flat vector of {expected} values for "
@@ -342,7 +345,7 @@ class ResultsWriter:
         if name in model:
             del model[name]  # shapes are fixed, so replace rather than write
         ds = model.create_dataset(name, data=flat)
-        ds.attrs["description"] = FLAT_LAYOUT
+        ds.attrs["description"] = _FLAT_LAYOUT
 
     # -- checkpoints -------------------------------------------------------
 
@@ -390,12 +393,12 @@ class ResultsWriter:
         _probe_lock(path)
         self = cls.__new__(cls)
         try:
-            self._file = h5py.File(path, "r+", locking=WRITER_LOCKING)
+            self._file = h5py.File(path, "r+", locking=_WRITER_LOCKING)
         except OSError as e:
             raise UserError(f"cannot open {path} to resume: {e}") from None
         self.path = path
         self._realpath = os.path.realpath(path)
-        OPEN_WRITERS.add(self._realpath)
+        _OPEN_WRITERS.add(self._realpath)
         f = self._file
         self._layer_sizes = ckpt.layer_sizes
         self._num_rounds = ckpt.rounds_rows
@@ -439,7 +442,7 @@ class ResultsWriter:
             self._file.close()
         finally:
             self._file = None
-            OPEN_WRITERS.discard(self._realpath)
+            _OPEN_WRITERS.discard(self._realpath)
 
     def __enter__(self) -> "ResultsWriter":
         return self
