@@ -442,3 +442,24 @@ def test_watch_stream_is_clean(tmp_path):
     watch_cmd.watch(str(path), interval=0.01, stream=stream)
     assert printable(stream.getvalue(), keep="\n") == stream.getvalue()
     assert analysis.load(str(path)).finished
+
+
+def test_reads_under_mpi_run_in_a_fresh_python_with_a_time_limit(tmp_path, monkeypatch):
+    """Where fork() is unsafe (mpi4py loaded: the runtime's --resume), the checkpoint
+    and whole-file reads run in a subprocess: same results, and a hang is cut off."""
+    monkeypatch.setattr(reading, "_can_fork", lambda: False)
+    good = tmp_path / "good.h5"
+    write_good(good)
+    config, rnd, arrays = read_checkpoint(str(good))
+    assert config == CONFIG and rnd == ROUNDS and arrays["params"].shape == (P,)
+    assert read_run(str(good))["rounds"]["round"].tolist() == [1, 2, 3]
+    data = good.read_bytes()
+    b = bytearray(data)
+    b[data.index(b"GCOL") + 9] ^= 1 << 6  # HDF5 loops forever on this (see test_bit_flips)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(bytes(b))
+    os.utime(bad, (1e9, 1e9))
+    monkeypatch.setattr(reading, "READ_SECONDS", 1.0)
+    monkeypatch.setattr(reading, "_STARTUP_SECONDS", 8.0)
+    with pytest.raises(UserError, match="did not finish in 1 s"):
+        read_checkpoint(str(bad))
