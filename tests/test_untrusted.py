@@ -15,6 +15,8 @@ import random
 import shutil
 import subprocess
 import sys
+import time
+import types
 
 import h5py
 import numpy as np
@@ -255,7 +257,8 @@ def _cli(capsys, monkeypatch, *args):
     # watch of an unfinished file would wait for more rounds: its first sleep ends it.
     def stop(_):
         raise KeyboardInterrupt
-    monkeypatch.setattr(watch_cmd.time, "sleep", stop)
+    monkeypatch.setattr(watch_cmd, "time", types.SimpleNamespace(
+        sleep=stop, monotonic=time.monotonic))
     status = report_main([str(a) for a in args])
     out, err = capsys.readouterr()
     assert status in (0, 2), (args, status, err)
@@ -304,7 +307,7 @@ def readers(tmp_path, capsys, monkeypatch):
 
 
 def test_good_file_reads_everywhere(corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(reading, "_can_fork", lambda: False)
+    monkeypatch.setattr(reading, "ISOLATE", False)
     for name, (_, fn) in readers(tmp_path, capsys, monkeypatch).items():
         assert _outcome(fn, corpus["good"]) == "ok", name
     config, rnd, arrays = read_checkpoint(corpus["good"])
@@ -319,7 +322,7 @@ def test_every_reader_refuses_with_one_line(case, corpus, tmp_path, capsys, monk
     fragment, must = (CASES[case][1], CASES[case][2].split()) if case in CASES else (
         None, ["run", "ckpt", "resume", "meta", "clients", "model"])
     # In-process reads here (fast); the forked, time-limited read is tested below.
-    monkeypatch.setattr(reading, "_can_fork", lambda: False)
+    monkeypatch.setattr(reading, "ISOLATE", False)
     for name, (group, fn) in readers(tmp_path, capsys, monkeypatch).items():
         if name in FIGURES and group not in must:
             continue  # drawing a figure of readable data is slow and tested elsewhere
@@ -377,7 +380,6 @@ def test_hang_in_hdf5_is_cut_off(tmp_path, monkeypatch):
     real = reading._read_once
 
     def stuck(p, read):
-        import time
         time.sleep(60)
         return real(p, read)
 
