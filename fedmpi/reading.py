@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import select
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -42,6 +46,15 @@ MAX_UNBACKED_BYTES = 64 * 2**20
 _FILTER_EXPANSION = 1000
 
 _LIVE_SECONDS = 30.0  # a file modified this recently may be mid-write by its job
+# HDF5 itself can loop forever or crash on some damaged files (a bit flip in a
+# global heap's size, measured here: reading a string attribute never returns,
+# holding the GIL). So a read runs in a forked child that is killed after
+# READ_SECONDS plus a second per 50 MB of file. Under MPI, where fork() is
+# unsafe, the runtime's reads (checkpoint, whole file) run in a fresh Python
+# started by subprocess (vfork + exec), with the same limit.
+READ_SECONDS = 60.0
+ISOLATE = True  # False: read in this process, no time limit (tests of the checks only)
+_STARTUP_SECONDS = 60.0  # a fresh Python importing h5py, on a busy login node
 _READ_ATTEMPTS = 6
 
 # What h5py raises on damaged or half-written files (it maps HDF5's errors to
@@ -284,6 +297,10 @@ def _with_file(path: str, read):
         raise UserError(f"{path} is not a regular file, so not a fedmpi results file")
     for attempt in range(_READ_ATTEMPTS):
         try:
+            if ISOLATE and _can_fork():
+                return _in_child(path, _read_once, path, read)
+            if ISOLATE and read.__name__ in _SPAWNABLE:
+                return _in_subprocess(path, read)
             return _read_once(path, read)
         except _Transient as e:
             live = time.time() - os.path.getmtime(path) < _LIVE_SECONDS
@@ -292,6 +309,105 @@ def _with_file(path: str, read):
                                 f"{printable(' '.join(str(e).split()))}") from None
             time.sleep(0.05 * 2 ** attempt)
     raise AssertionError("unreachable")
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this child if its parent dies (no orphan spinning)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _in_subprocess(path: str, read):
+    """read(ResultsFile of path) in a fresh Python with a time limit (see READ_SECONDS)."""
+    import subprocess
+
+    import fedmpi
+
+    limit = READ_SECONDS + os.path.getsize(path) / 50e6
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fedmpi.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    code = "import sys; from fedmpi.reading import _child_main; _child_main(*sys.argv[1:])"
+    try:
+        res = subprocess.run([sys.executable, "-c", code, read.__name__, path], env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True,
+                             timeout=limit + _STARTUP_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"reading {path} did not finish in {limit:.0f} s: the HDF5 "
+                        f"library is stuck on it, so the file is probably damaged") from None
+    if res.returncode != 0 or not res.stdout:
+        raise UserError(f"reading {path} crashed the HDF5 library: the file is damaged")
+    return _unpack(path, pickle.loads(res.stdout))
+
+
+def _child_main(name: str, path: str) -> None:
+    """Entry point of _in_subprocess's child: the pickled outcome to stdout."""
+    sys.stdout.buffer.write(pickle.dumps(_outcome(_read_once, path, _SPAWNABLE[name]),
+                                         protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _outcome(fn, *args) -> tuple:
+    """("ok", value) or (exception kind, message), to send from a child."""
+    try:
+        return ("ok", fn(*args))
+    except (UserError, _Transient) as e:
+        return (type(e).__name__, str(e))
+    except BaseException as e:  # noqa: BLE001 -- a bug: pass on its name
+        return ("bug", f"{type(e).__name__}: {e}")
+
+
+def _unpack(path: str, outcome: tuple):
+    kind, value = outcome
+    if kind == "ok":
+        return value
+    if kind == "UserError":
+        raise UserError(value)
+    if kind == "_Transient":
+        raise _Transient(value)
+    raise RuntimeError(f"reading {path} failed in a child process: {value}")
+
+
+def _can_fork() -> bool:
+    return hasattr(os, "fork") and "mpi4py.MPI" not in sys.modules
+
+
+def _in_child(path: str, fn, *args):
+    """fn(*args) in a forked child with a time limit; its result or exception comes back."""
+    limit = READ_SECONDS + os.path.getsize(path) / 50e6
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into the caller's code
+        try:
+            _die_with_parent()
+            os.close(r)
+            out = _outcome(fn, *args)
+            with os.fdopen(w, "wb") as pipe:
+                pickle.dump(out, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + limit
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise UserError(f"reading {path} did not finish in {limit:.0f} s: the HDF5 "
+                                f"library is stuck on it, so the file is probably damaged")
+            chunk = os.read(r, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)  # done (it exits anyway), too slow, or Ctrl-C here
+        _, status = os.waitpid(pid, 0)
+    if not chunks:
+        raise UserError(f"reading {path} crashed the HDF5 library: the file is damaged")
+    return _unpack(path, pickle.loads(b"".join(chunks)))
 
 
 def _read_once(path: str, read):
@@ -333,10 +449,12 @@ def read_run(path: str) -> dict:
     "layer_sizes", "num_clients"}; "params" is /model/params or None if not
     written yet. UserError if the file is missing, not a fedmpi file, or damaged.
     """
-    def read(rf: ResultsFile) -> dict:
-        return {**read_meta_of(rf), "clients": rf.columns("clients"),
-                "partition": rf.partition(), "params": rf.params()}
-    return _with_file(path, read)
+    return _with_file(path, _whole)
+
+
+def _whole(rf: ResultsFile) -> dict:
+    return {**read_meta_of(rf), "clients": rf.columns("clients"),
+            "partition": rf.partition(), "params": rf.params()}
 
 
 def read_meta_of(rf: ResultsFile) -> dict:
@@ -437,3 +555,7 @@ def read_checkpoint(path: str) -> tuple[dict, int, dict[str, np.ndarray]] | None
     """
     ckpt = read_checkpoint_full(path)
     return None if ckpt is None else (ckpt.config, ckpt.round, ckpt.arrays)
+
+
+# Readers that _in_subprocess can run by name (what the runtime reads under MPI).
+_SPAWNABLE = {fn.__name__: fn for fn in (_whole, read_meta_of, _checkpoint)}

@@ -223,7 +223,7 @@ class ResultsWriter:
             # create exclusively: a racing job gets an error, not our file.
             os.unlink(path)
         try:
-            self._file = h5py.File(path, "x", locking=WRITER_LOCKING)
+            self._file = h5py.File(path, "x", locking=_WRITER_LOCKING)
         except FileExistsError:
             raise UserError(
                 f"results file {path} already exists: pass --overwrite or "
@@ -270,8 +270,8 @@ class ResultsWriter:
         # still tells readers how to interpret any parameters written later.
         model = f.create_group("model")
         model.attrs["layer_sizes"] = np.asarray(layer_sizes, dtype="int64")
-        model.attrs["num_params"] = num_params(layer_sizes)
-        model.attrs["description"] = FLAT_LAYOUT
+        model.attrs["num_params"] = _num_params(layer_sizes)
+        model.attrs["description"] = _FLAT_LAYOUT
         self._layer_sizes = layer_sizes
 
         f.create_group("rounds").attrs["description"] = (
@@ -409,7 +409,7 @@ class ResultsWriter:
         """Store a flat parameter vector as /model/<name> (float32)."""
         self._check_open()
         flat = np.asarray(params, dtype="float32")
-        expected = num_params(self._layer_sizes)
+        expected = _num_params(self._layer_sizes)
         if flat.ndim != 1 or flat.size != expected:
             raise ValueError(
                 f"params must be a flat vector of {expected} values for "
@@ -418,7 +418,7 @@ class ResultsWriter:
         if name in model:
             del model[name]  # shapes are fixed, so replace rather than write
         ds = model.create_dataset(name, data=flat)
-        ds.attrs["description"] = FLAT_LAYOUT
+        ds.attrs["description"] = _FLAT_LAYOUT
 
     # -- checkpoints -------------------------------------------------------
 
@@ -498,7 +498,7 @@ class ResultsWriter:
         _probe_lock(path)
         self = cls.__new__(cls)
         try:
-            self._file = h5py.File(path, "r+", locking=WRITER_LOCKING)
+            self._file = h5py.File(path, "r+", locking=_WRITER_LOCKING)
         except OSError as e:
             raise UserError(f"cannot open {path} to resume: {e}") from None
         self.path = path

@@ -763,3 +763,84 @@ def test_clients_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
     # text alone needs no matplotlib
     status, out, err = call(capsys, "clients", runs[("iid", 0)])
     assert status == 0 and "participation:" in out
+
+
+# -- plotted numbers -------------------------------------------------------------
+
+def _band(collection, xs):
+    """(lower, upper) edge of a fill_between band at each x, from its polygon."""
+    verts = collection.get_paths()[0].vertices
+    lower = [verts[np.isclose(verts[:, 0], x), 1].min() for x in xs]
+    upper = [verts[np.isclose(verts[:, 0], x), 1].max() for x in xs]
+    return np.array(lower), np.array(upper)
+
+
+@pytest.mark.parametrize("x", ["round", "seconds"])
+def test_plot_draws_mean_and_min_max_of_the_seeds(runs, x):
+    """The curves are the seeds' mean and the bands their min-max, per round,
+    recomputed here from the files with h5py (x: round, or mean cumulative seconds)."""
+    if not _has_matplotlib():
+        pytest.skip("matplotlib is not installed (pip install fedmpi[plot])")
+    res = report_plot.draw_runs([runs[spec] for spec in SPECS], x=x)
+    ax = res.figure.axes[0]
+    assert len(ax.lines) == 2 and len(ax.collections) == 2
+    for partition, line, band in zip(("iid", "natural"), ax.lines, ax.collections):
+        assert line.get_label().startswith(f"partition={partition} ")
+        seeds = [expected(runs[(partition, s)])[2] for s in (0, 1)]
+        acc = np.vstack([r["test_accuracy"] for r in seeds])
+        if x == "round":
+            want_x = seeds[0]["round"].astype(float)
+        else:
+            want_x = np.mean([np.cumsum(r["seconds"]) for r in seeds], axis=0)
+        np.testing.assert_allclose(line.get_xdata(), want_x, rtol=1e-12)
+        np.testing.assert_allclose(line.get_ydata(), acc.sum(axis=0) / 2, rtol=1e-12)
+        lower, upper = _band(band, want_x)
+        np.testing.assert_allclose(lower, np.minimum(acc[0], acc[1]), rtol=1e-12)
+        np.testing.assert_allclose(upper, np.maximum(acc[0], acc[1]), rtol=1e-12)
+        assert np.any(upper > lower)  # the seeds differ: a band, not a line
+
+
+def test_plot_mean_over_shared_rounds_of_a_killed_run(runs, tmp_path):
+    """A killed seed (2 of 4 rounds): the mean and band cover the 2 rounds both have."""
+    if not _has_matplotlib():
+        pytest.skip("matplotlib is not installed (pip install fedmpi[plot])")
+    killed = write_partial(runs[("iid", 1)], tmp_path / "killed.h5", rows=2)
+    res = report_plot.draw_runs([runs[("iid", 0)], killed], y="train_loss")
+    line, band = res.figure.axes[0].lines[0], res.figure.axes[0].collections[0]
+    a = expected(runs[("iid", 0)])[2]["train_loss"][:2]
+    b = expected(killed)[2]["train_loss"]
+    np.testing.assert_allclose(line.get_xdata(), [1, 2])
+    np.testing.assert_allclose(line.get_ydata(), (a + b) / 2, rtol=1e-12)
+    lower, upper = _band(band, [1, 2])
+    np.testing.assert_allclose(lower, np.minimum(a, b), rtol=1e-12)
+    np.testing.assert_allclose(upper, np.maximum(a, b), rtol=1e-12)
+
+
+def test_clients_figure_draws_the_numbers(runs):
+    """Heatmap = label histogram, bars = rounds per client, (c) = per-round median,
+    quartile and min-max bands of the clients' train_loss, all recomputed with h5py."""
+    if not _has_matplotlib():
+        pytest.skip("matplotlib is not installed (pip install fedmpi[plot])")
+    path = runs[("natural", 0)]
+    c, sizes, hist, counts, labels, per_round = client_expected(path)
+    fig, notes = report_clients.draw_clients(path)
+    assert notes == []
+    ax_part, _, ax_count, ax_loss = fig.axes[:4]
+    np.testing.assert_array_equal(ax_part.images[0].get_array(), hist.T)
+    steps = [p for p in ax_count.patches if hasattr(p, "get_data")][0]
+    np.testing.assert_array_equal(steps.get_data().values, counts)
+    never = ax_count.lines[1] if len(ax_count.lines) > 1 else None
+    if never is not None:
+        np.testing.assert_array_equal(never.get_xdata(), np.flatnonzero(counts == 0))
+    rounds = sorted(per_round)
+    median = ax_loss.lines[0]
+    np.testing.assert_array_equal(median.get_xdata(), rounds)
+    np.testing.assert_allclose(median.get_ydata(), [per_round[r][3] for r in rounds],
+                               rtol=1e-12)
+    outer, inner = ax_loss.collections[:2]
+    lower, upper = _band(outer, rounds)
+    np.testing.assert_allclose(lower, [per_round[r][1] for r in rounds], rtol=1e-12)
+    np.testing.assert_allclose(upper, [per_round[r][5] for r in rounds], rtol=1e-12)
+    lower, upper = _band(inner, rounds)
+    np.testing.assert_allclose(lower, [per_round[r][2] for r in rounds], rtol=1e-12)
+    np.testing.assert_allclose(upper, [per_round[r][4] for r in rounds], rtol=1e-12)
