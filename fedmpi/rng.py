@@ -14,6 +14,9 @@ PURPOSES = {
     "init": 1,  # global model initialisation
     "sample": 2,  # which clients take part in a round
     "shuffle": 3,  # a client's minibatch order
+    # secure aggregation: codes 20-29 (kept apart from other features' codes)
+    "secagg_keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
+    "secagg_graph": 21,  # the SecAgg+ neighbour graph of a round
 }
 
 
