@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
 from fedmpi import rng
-from fedmpi.privacy import secagg, shamir
+from fedmpi.errors import UserError
+from fedmpi.privacy import he, secagg, shamir
 
 
 def _probably_prime(n: int, rounds: int = 64) -> bool:
@@ -302,3 +304,60 @@ def test_secagg_plus_aborts_when_a_neighbourhood_falls_below_threshold():
     drop = {v: "masked" for v in graph[0][:5]}  # client 0 keeps 6 of 11 holders
     r = secagg.run_round(_inputs(ids, n=8), seed=0, rnd=0, threshold=8, k=k, drop=drop)
     assert r.total is None and "threshold 8" in r.aborted
+
+
+# ------------------------------------------------------------------ he
+
+def test_he_parameters_allow_batching_and_exact_limb_sums():
+    assert _probably_prime(he.PLAIN_MODULUS) and he.PLAIN_MODULUS % (2 * he.POLY_DEGREE) == 1
+    assert he.PLAIN_MODULUS < 2**60  # SEAL's bound on the plaintext modulus
+    # K limbs of 32 bits each stay inside (-t/2, t/2)
+    assert he.MAX_CLIENTS * 2**32 < he.PLAIN_MODULUS // 2 and he.MAX_CLIENTS >= 2**25
+
+
+def test_he_limb_encoding_sums_like_int64():
+    x = _inputs(range(7), n=1000, seed=3)
+    limb_sum = sum(he._limbs(v) for v in x.values())  # small ints: no wrap in int64
+    assert np.array_equal(he._unlimb(limb_sum, 1000), _plain_sum(x, range(7)))
+
+
+def test_he_without_tenseal_names_the_pip_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tenseal", None)  # import tenseal -> ImportError
+    with pytest.raises(UserError, match=r"pip install 'fedmpi\[he\]'"):
+        he.check_available()
+
+
+@pytest.fixture(scope="module")
+def he_keys():
+    pytest.importorskip("tenseal")
+    return he.keygen()
+
+
+def test_he_decrypted_sum_equals_the_plaintext_int64_sum(he_keys):
+    secret, public = he_keys
+    server_ctx = he.Context(public)
+    assert not server_ctx.ctx.has_secret_key()
+    n = he.POLY_DEGREE + 123  # three ciphertexts, the last partly filled
+    assert he.n_ciphertexts(n) == 3
+    x = _inputs(range(5), n=n, seed=11)  # the full int64 range: the sum wraps
+    acc = he.Sum(server_ctx)
+    for v in x.values():
+        cts = server_ctx.encrypt(v)  # encryption needs only the public key
+        assert len(cts) == 3
+        acc.add(cts)
+    with pytest.raises(ValueError):
+        server_ctx.decrypt(acc.ciphertexts(), n)  # the server cannot decrypt
+    assert np.array_equal(he.Context(secret).decrypt(acc.ciphertexts(), n), _plain_sum(x, range(5)))
+
+
+def test_he_sum_of_200_extreme_inputs_is_exact(he_keys):
+    # the largest limbs 200 times: checks the limb bound and the noise budget
+    secret, public = he_keys
+    ctx = he.Context(public)
+    x = np.array([2**63 - 1, -2**63, -1, 2**32 - 1, -2**31], dtype=np.int64)
+    cts = ctx.encrypt(x)
+    acc = he.Sum(ctx)
+    for _ in range(200):
+        acc.add(cts)
+    expect = (x.astype(object) * 200 + 2**63) % 2**64 - 2**63
+    assert he.Context(secret).decrypt(acc.ciphertexts(), x.size).tolist() == expect.tolist()
