@@ -325,6 +325,8 @@ def test_he_without_tenseal_names_the_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tenseal", None)  # import tenseal -> ImportError
     with pytest.raises(UserError, match=r"pip install 'fedmpi\[he\]'"):
         he.check_available()
+    with pytest.raises(UserError, match=r"--secure-aggregation he needs TenSEAL.*pip install"):
+        secagg.plan("he", 10)
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +363,23 @@ def test_he_sum_of_200_extreme_inputs_is_exact(he_keys):
         acc.add(cts)
     expect = (x.astype(object) * 200 + 2**63) % 2**64 - 2**63
     assert he.Context(secret).decrypt(acc.ciphertexts(), x.size).tolist() == expect.tolist()
+
+
+# ------------------------------------------------------------------ settings
+
+def test_plan_defaults_and_bad_thresholds():
+    assert secagg.plan("secagg", 10) == secagg.Plan("secagg", None, 7)
+    assert secagg.plan("secagg+", 200) == secagg.Plan("secagg+", 16, 12)  # ceil(2 * 17 / 3)
+    assert secagg.plan("secagg", 3).threshold == 2 and secagg.plan("secagg", 1).threshold == 1
+    assert secagg.plan("secagg", 10, 6).threshold == 6
+    for mode, k_, t, match in [("secagg", 10, 11, "more than the 10"),
+                               ("secagg", 10, 5, "at most half"),
+                               ("secagg+", 200, 8, "at most half of the 17"),
+                               ("secagg+", 200, 18, "more than the 17")]:
+        with pytest.raises(UserError, match=match):
+            secagg.plan(mode, k_, t)
+    for agg in ("median", "trimmed_mean"):
+        with pytest.raises(UserError, match="needs each update"):
+            secagg.plan("secagg", 10, aggregator=agg)
+    with pytest.raises(UserError, match="use one of"):
+        secagg.plan("paillier", 10)
