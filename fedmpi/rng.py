@@ -17,6 +17,7 @@ PURPOSES = {
     # secure aggregation: codes 20-29 (kept apart from other features' codes)
     "secagg_keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
     "secagg_graph": 21,  # the SecAgg+ neighbour graph of a round
+    "secagg_dropout": 22,  # the protocol phase in which a failing client stops
 }
 
 

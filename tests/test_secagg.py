@@ -383,3 +383,23 @@ def test_plan_defaults_and_bad_thresholds():
             secagg.plan("secagg", 10, aggregator=agg)
     with pytest.raises(UserError, match="use one of"):
         secagg.plan("paillier", 10)
+
+
+def test_any_grouping_of_clients_over_hosts_gives_the_same_round():
+    # as ranks host the clients: partial masked sums, merged messages
+    ids = list(range(11))
+    x = _inputs(ids, n=300)
+    drop = {2: "share", 6: "masked", 9: "unmask"}
+    one = secagg.run_round(x, seed=3, rnd=4, threshold=7, drop=drop)
+    three = secagg.run_round(x, seed=3, rnd=4, threshold=7, drop=drop, groups=3)
+    assert np.array_equal(one.total, three.total) and one.included == three.included
+    for p in secagg.PHASES:
+        assert np.array_equal(one.traffic.up[p], three.traffic.up[p])
+        assert np.array_equal(one.traffic.down[p], three.traffic.down[p])
+
+
+def test_dropout_phases_are_seeded_and_before_the_masked_input():
+    ph = secagg.dropout_phases(range(300), seed=1, rnd=2)
+    assert ph == secagg.dropout_phases(range(300), seed=1, rnd=2)
+    assert set(ph.values()) == {"advertise", "share", "masked"}
+    assert ph != secagg.dropout_phases(range(300), seed=1, rnd=3)

@@ -382,7 +382,64 @@ class Server:
                 raise Abort(f"client {u}: {have} holders {what} < threshold {self.threshold}")
 
 
+def dropout_phases(dropped, seed: int, rnd: int) -> dict[int, str]:
+    """The phase in which each client that fails to report stops sending:
+    one of the three before its masked input would arrive, drawn per
+    (round, client), so that runs exercise every recovery path. (A client
+    dropping after its masked input still counts in the sum, so it is not a
+    client that "fails to report".)"""
+    return {u: PHASES[int(rng.generator(seed, "secagg_dropout", rnd, u).integers(3))] for u in dropped}
+
+
 # ---------------------------------------------------------------- one round
+
+class ClientGroup:
+    """The clients one process hosts in a round, run phase by phase.
+
+    Messages in and out are dicts keyed by client id, as the Server takes
+    and gives them (a process passes on only its own clients' entries).
+    drop[u] names the phase in which u stops sending: its message of that
+    phase and every later one never leaves. Masked inputs leave as one
+    partial sum: addition in Z_{2^64} is associative, so any grouping of
+    clients (any rank count) gives the same total bit for bit.
+    """
+
+    def __init__(self, ids, seed: int, rnd: int, threshold: int, drop: dict[int, str] | None = None):
+        self.seconds = 0.0  # spent by these clients, summed
+        t0 = time.perf_counter()
+        self.clients = {u: Client(u, seed, rnd, threshold) for u in sorted(ids)}
+        self.seconds += time.perf_counter() - t0
+        self._drop = drop or {}
+
+    def _sends(self, u: int, phase: str) -> bool:
+        return u in self.clients and (u not in self._drop
+                                      or PHASES.index(self._drop[u]) > PHASES.index(phase))
+
+    def _run(self, phase: str, msgs: dict, call) -> dict:
+        t0 = time.perf_counter()
+        try:
+            return {u: call(self.clients[u], m) for u, m in msgs.items() if self._sends(u, phase)}
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def advertise(self) -> dict[int, bytes]:
+        return self._run("advertise", dict.fromkeys(self.clients), lambda c, _: c.advertise())
+
+    def share_keys(self, keys: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        return self._run("share", keys, lambda c, m: c.share_keys(m))
+
+    def masked_sum(self, inbox: dict[int, dict[int, bytes]], inputs: dict[int, np.ndarray],
+                   n: int) -> tuple[np.ndarray, list[int]]:
+        """(sum of this group's masked inputs in Z_{2^64}, who sent one)."""
+        ys = self._run("masked", inbox, lambda c, m: c.masked_input(inputs[c.id], m))
+        total = np.zeros(n, dtype=np.uint64)
+        for y in ys.values():
+            np.add(total, y, out=total)
+        return total, sorted(ys)
+
+    def unmask(self, survivors: dict[int, tuple[int, ...]]) -> dict[int, dict[int, bytes]]:
+        return self._run("unmask", survivors, lambda c, m: c.unmask(m))
+
 
 @dataclass
 class RoundResult:
@@ -395,41 +452,40 @@ class RoundResult:
 
 
 def run_round(inputs: dict[int, np.ndarray], *, seed: int, rnd: int, threshold: int,
-              k: int | None = None, drop: dict[int, str] | None = None) -> RoundResult:
-    """Simulate one round end to end. drop[u] names the phase in which u stops
-    sending (u's message of that phase and every later one never arrives)."""
-    drop = drop or {}
+              k: int | None = None, drop: dict[int, str] | None = None, groups: int = 1) -> RoundResult:
+    """Simulate one round end to end in this process, with the clients split
+    round-robin into `groups` hosts (as ranks would host them)."""
     ids = sorted(inputs)
-    graph = neighbours(ids, k, seed, rnd)
-    server = Server(ids, threshold, graph)
-    clock = {"client": 0.0, "server": 0.0}
+    n = next(iter(inputs.values())).size
+    server = Server(ids, threshold, neighbours(ids, k, seed, rnd))
+    hosts = [ClientGroup(ids[g::groups], seed, rnd, threshold, drop) for g in range(groups)]
+    server_seconds = 0.0
 
-    def timed(who, f, *a):
+    def serve(f, *a):
+        nonlocal server_seconds
         t0 = time.perf_counter()
         try:
             return f(*a)
         finally:
-            clock[who] += time.perf_counter() - t0
+            server_seconds += time.perf_counter() - t0
 
-    def alive(u, phase):
-        return PHASES.index(drop[u]) > PHASES.index(phase) if u in drop else True
+    def each(f):  # one phase on every host; the hosts' answers merged (a gather)
+        out = {}
+        for h in hosts:
+            out.update(f(h))
+        return out
 
-    clients = {u: timed("client", Client, u, seed, rnd, threshold) for u in ids}
     try:
-        adverts = {u: timed("client", c.advertise) for u, c in clients.items() if alive(u, "advertise")}
-        keys = timed("server", server.route_keys, adverts)
-        shares = {u: timed("client", clients[u].share_keys, keys[u]) for u in keys if alive(u, "share")}
-        inbox = timed("server", server.route_shares, shares)
-        ys = {u: timed("client", clients[u].masked_input, inputs[u], inbox[u]) for u in inbox
-              if alive(u, "masked")}
-        n = next(iter(inputs.values())).size
-        u3 = timed("server", server.collect_masked, ys, 8 * n)
+        keys = serve(server.route_keys, each(lambda h: h.advertise()))
+        inbox = serve(server.route_shares, each(lambda h: h.share_keys(keys)))
+        parts = [h.masked_sum(inbox, inputs, n) for h in hosts]
         masked_sum = np.zeros(n, dtype=np.uint64)
-        for y in ys.values():
-            np.add(masked_sum, y, out=masked_sum)
-        reveals = {u: timed("client", clients[u].unmask, u3[u]) for u in u3 if alive(u, "unmask")}
-        total = timed("server", server.unmask, reveals, masked_sum)
-        return RoundResult(total, tuple(sorted(server.u3)), None, server.traffic,
-                           clock["client"], clock["server"])
+        for part, _ in parts:  # the transport's sum (a Reduce)
+            np.add(masked_sum, part, out=masked_sum)
+        u3 = serve(server.collect_masked, [u for _, senders in parts for u in senders], 8 * n)
+        total = serve(server.unmask, each(lambda h: h.unmask(u3)), masked_sum)
+        aborted = None
     except Abort as e:
-        return RoundResult(None, (), str(e), server.traffic, clock["client"], clock["server"])
+        total, aborted = None, str(e)
+    return RoundResult(total, tuple(sorted(server.u3)) if total is not None else (), aborted,
+                       server.traffic, sum(h.seconds for h in hosts), server_seconds)
