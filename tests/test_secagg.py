@@ -403,3 +403,65 @@ def test_dropout_phases_are_seeded_and_before_the_masked_input():
     assert ph == secagg.dropout_phases(range(300), seed=1, rnd=2)
     assert set(ph.values()) == {"advertise", "share", "masked"}
     assert ph != secagg.dropout_phases(range(300), seed=1, rnd=3)
+
+
+# ------------------------------------------------------------------ over MPI
+
+def _mpi_check(ranks, mode, k, n, drop=None):
+    import json
+    import os
+    import subprocess
+
+    from conftest import MPIEXEC, REPO
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    drops = ",".join(f"{u}:{p}" for u, p in (drop or {}).items())
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(REPO, "tests", "mpi_secure_check.py"),
+           mode, str(k), str(n), drops]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _mpi_inputs(clients, n):
+    return {u: np.random.default_rng([99, u]).integers(-2**63, 2**63, size=n, dtype=np.int64) for u in clients}
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_secagg_over_mpi_equals_the_survivors_plain_sum(ranks, mode):
+    k, n = 12, 100
+    clients = list(range(3, 3 + 2 * k, 2))
+    drop = {5: "advertise", 9: "share", 13: "masked", 21: "unmask"}
+    if mode == "secagg+":  # k = 8: a neighbourhood of 9 with t = 6 tolerates 3 dropping
+        drop = {9: "share", 13: "masked", 21: "unmask"}
+    out = _mpi_check(ranks, mode, k, n, drop)
+    in_sum = [u for u in clients if drop.get(u) in (None, "unmask")]
+    assert out["aborted"] is None and out["included"] == in_sum and out["seconds"]
+    total = np.frombuffer(bytes.fromhex(out["total"]), np.int64)
+    assert np.array_equal(total, _plain_sum(_mpi_inputs(clients, n), in_sum))
+    # the same messages as the single-process protocol
+    plan = secagg.plan(mode, k)
+    ref = secagg.run_round(_mpi_inputs(clients, n), seed=5, rnd=2, threshold=plan.threshold,
+                           k=plan.k, drop=drop)
+    for p in secagg.PHASES:
+        assert out["up"][p] == ref.traffic.up[p].tolist()
+        assert out["down"][p] == ref.traffic.down[p].tolist()
+
+
+def test_secagg_over_mpi_aborts_on_every_rank_below_threshold():
+    k = 6  # t = 4: three dropping leaves 3
+    out = _mpi_check(3, "secagg", k, 10, {3: "masked", 5: "masked", 7: "masked"})
+    assert out["total"] is None and "threshold 4" in out["aborted"]
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_he_over_mpi_equals_the_plain_sum(ranks):
+    pytest.importorskip("tenseal")
+    k, n = 5, 1000
+    out = _mpi_check(ranks, "he", k, n)
+    clients = list(range(3, 3 + 2 * k, 2))
+    total = np.frombuffer(bytes.fromhex(out["total"]), np.int64)
+    assert np.array_equal(total, _plain_sum(_mpi_inputs(clients, n), clients))
+    assert all(b > 0 for b in out["up"])

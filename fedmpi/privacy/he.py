@@ -111,8 +111,9 @@ class Sum:
         self._acc = None
         self.count = 0
 
-    def add(self, ciphertexts: list[bytes]) -> None:
-        if self.count >= MAX_CLIENTS:
+    def add(self, ciphertexts: list[bytes], count: int = 1) -> None:
+        """Add an encrypted vector, or a sum of `count` of them (another host's partial sum)."""
+        if self.count + count > MAX_CLIENTS:
             raise ValueError(f"he sums at most {MAX_CLIENTS} encrypted vectors exactly")
         vecs = [self._ctx._ts.bfv_vector_from(self._ctx.ctx, c) for c in ciphertexts]
         if self._acc is None:
@@ -122,7 +123,7 @@ class Sum:
                 raise ValueError("encrypted vectors of different lengths")
             for a, v in zip(self._acc, vecs):
                 a.add_(v)
-        self.count += 1
+        self.count += count
 
     def ciphertexts(self) -> list[bytes]:
         return [v.serialize() for v in self._acc]

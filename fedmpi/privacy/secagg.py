@@ -405,10 +405,12 @@ class ClientGroup:
     """
 
     def __init__(self, ids, seed: int, rnd: int, threshold: int, drop: dict[int, str] | None = None):
-        self.seconds = 0.0  # spent by these clients, summed
-        t0 = time.perf_counter()
-        self.clients = {u: Client(u, seed, rnd, threshold) for u in sorted(ids)}
-        self.seconds += time.perf_counter() - t0
+        self.seconds: dict[int, float] = {}  # cryptography seconds of each client
+        self.clients = {}
+        for u in sorted(ids):
+            t0 = time.perf_counter()
+            self.clients[u] = Client(u, seed, rnd, threshold)
+            self.seconds[u] = time.perf_counter() - t0
         self._drop = drop or {}
 
     def _sends(self, u: int, phase: str) -> bool:
@@ -416,11 +418,13 @@ class ClientGroup:
                                       or PHASES.index(self._drop[u]) > PHASES.index(phase))
 
     def _run(self, phase: str, msgs: dict, call) -> dict:
-        t0 = time.perf_counter()
-        try:
-            return {u: call(self.clients[u], m) for u, m in msgs.items() if self._sends(u, phase)}
-        finally:
-            self.seconds += time.perf_counter() - t0
+        out = {}
+        for u, m in msgs.items():
+            if self._sends(u, phase):
+                t0 = time.perf_counter()
+                out[u] = call(self.clients[u], m)
+                self.seconds[u] += time.perf_counter() - t0
+        return out
 
     def advertise(self) -> dict[int, bytes]:
         return self._run("advertise", dict.fromkeys(self.clients), lambda c, _: c.advertise())
@@ -449,6 +453,7 @@ class RoundResult:
     traffic: Traffic
     client_seconds: float  # summed over clients
     server_seconds: float
+    seconds: dict[int, float] = field(default_factory=dict)  # each client's
 
 
 def run_round(inputs: dict[int, np.ndarray], *, seed: int, rnd: int, threshold: int,
@@ -487,5 +492,6 @@ def run_round(inputs: dict[int, np.ndarray], *, seed: int, rnd: int, threshold: 
         aborted = None
     except Abort as e:
         total, aborted = None, str(e)
+    each = {u: t for h in hosts for u, t in h.seconds.items()}
     return RoundResult(total, tuple(sorted(server.u3)) if total is not None else (), aborted,
-                       server.traffic, sum(h.seconds for h in hosts), server_seconds)
+                       server.traffic, sum(each.values()), server_seconds, each)
