@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -27,6 +28,8 @@ SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
+SAMPLINGS = ("fixed", "poisson")
+ACCOUNTANTS = ("auto", "rdp", "pld")
 INITS = ("glorot_uniform", "he_uniform")
 
 
@@ -76,6 +79,43 @@ class Config:
         "fraction of updates dropped from each side per coordinate by --aggregator trimmed_mean"))
     prox_mu: float = field(default=0.01, metadata=_opt(
         "proximal weight mu of --algorithm fedprox"))
+    sampling: str = field(default="fixed", metadata=_opt(
+        "how a round's clients are drawn: fixed (exactly --clients-per-round K, without "
+        "replacement) or poisson (each client independently with q = K / --clients; a round "
+        "may have none)", SAMPLINGS))
+    dropout_rate: float = field(default=0.0, metadata=_opt(
+        "probability that a sampled client fails to report its update (seeded per round and "
+        "client); the server step uses the survivors"))
+    # differential privacy (user-level DP-FedAvg; on when --dp-clip is given)
+    dp_clip: float | None = field(default=None, metadata=_opt(
+        "turns on user-level differential privacy (DP-FedAvg): clip each client's update to "
+        "this L2 norm S; the server then averages the noised sum of clipped updates over the "
+        "expected number of clients per round K, not by sample counts (sample weights would "
+        "break the sensitivity bound)"))
+    dp_clip_per_layer: bool = field(default=False, metadata=_opt(
+        "clip layer l (W_l and b_l) to S*sqrt(P_l/P) instead of the whole update to S "
+        "(the whole update still has norm <= S)"))
+    dp_noise_multiplier: float | None = field(default=None, metadata=_opt(
+        "z: Gaussian noise N(0, (z*S)^2) per coordinate on the sum of clipped updates; "
+        "0 = clipping only (epsilon = inf)"))
+    dp_target_epsilon: float | None = field(default=None, metadata=_opt(
+        "solve, before the run, for the smallest noise multiplier (3 significant digits, "
+        "rounded up) whose epsilon after --rounds is at most this; sets --dp-noise-multiplier"))
+    dp_delta: float = field(default=1e-5, metadata=_opt(
+        "delta of the reported (epsilon, delta) guarantee; below 1/--clients"))
+    dp_accountant: str = field(default="auto", metadata=_opt(
+        "privacy accountant (Google's dp-accounting): rdp or pld; auto = pld for poisson "
+        "sampling, rdp for fixed (pld does not support sampling without replacement)",
+        ACCOUNTANTS))
+    dp_clip_quantile: float | None = field(default=None, metadata=_opt(
+        "adaptive clipping (Andrew et al. 2021): move S each round towards this quantile of "
+        "the update norms (--dp-clip is then the initial S); the count's noise is taken out "
+        "of the noise multiplier so the total cost is what is accounted"))
+    dp_clip_lr: float = field(default=0.2, metadata=_opt(
+        "geometric learning rate eta of adaptive clipping: S <- S*exp(-eta*(b - quantile))"))
+    dp_clip_count_stddev: float | None = field(default=None, metadata=_opt(
+        "noise stddev on the count of unclipped clients in adaptive clipping "
+        "(default: --clients-per-round / 20, as in the paper)"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -158,6 +198,10 @@ def _convert(name: str, value):
     if name == "hidden":
         return parse_hidden(value)
     typ = f.type
+    if typ.endswith(" | None") and not typ.startswith("str"):
+        if value is None:
+            return None
+        typ = typ[:-len(" | None")]
     try:
         if typ == "bool":
             if isinstance(value, bool):
@@ -218,7 +262,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.aggregator != "trimmed_mean" or 2 * int(cfg.trim * cfg.clients_per_round)
          < cfg.clients_per_round, "--trim removes every update of a round: lower --trim "
          "or raise --clients-per-round")
-    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer", "aggregator"):
+    need(0 <= cfg.dropout_rate < 1, f"--dropout-rate must be in [0, 1) (got {cfg.dropout_rate})")
+    _validate_dp(cfg, need)
+    for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
+                 "aggregator", "sampling", "dp_accountant"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
@@ -230,6 +277,55 @@ def validate(cfg: Config) -> Config:
         # rather than the (unused) local-training defaults.
         cfg = dataclasses.replace(cfg, local_epochs=1, batch_size=0)
     return cfg
+
+
+DP_FLAGS = ("dp_clip_per_layer", "dp_noise_multiplier", "dp_target_epsilon", "dp_clip_quantile",
+            "dp_clip_count_stddev")
+
+
+def _validate_dp(cfg: Config, need) -> None:
+    if cfg.dp_clip is None:
+        given = [n for n in DP_FLAGS if getattr(cfg, n) not in (None, False)]
+        need(not given, f"--{given[0].replace('_', '-') if given else ''} needs --dp-clip S: "
+             "differential privacy starts with clipping each update to norm S")
+        return
+    need(math.isfinite(cfg.dp_clip) and cfg.dp_clip > 0,
+         f"--dp-clip must be a positive number (got {cfg.dp_clip})")
+    need(cfg.dp_noise_multiplier is not None or cfg.dp_target_epsilon is not None,
+         "--dp-clip needs a noise level: --dp-noise-multiplier Z (0 = clipping only) or "
+         "--dp-target-epsilon E")
+    if cfg.dp_target_epsilon is None:
+        need(math.isfinite(cfg.dp_noise_multiplier) and cfg.dp_noise_multiplier >= 0,
+             f"--dp-noise-multiplier must be >= 0 (got {cfg.dp_noise_multiplier})")
+    else:
+        need(math.isfinite(cfg.dp_target_epsilon) and cfg.dp_target_epsilon > 0,
+             f"--dp-target-epsilon must be a positive number (got {cfg.dp_target_epsilon})")
+    need(0 < cfg.dp_delta < 1, f"--dp-delta must be in (0, 1) (got {cfg.dp_delta})")
+    need(cfg.aggregator == "mean",
+         f"--aggregator {cfg.aggregator} does not sum the updates, so clipping bounds nothing "
+         "it computes: differential privacy needs --aggregator mean")
+    need(cfg.dp_accountant != "pld" or cfg.sampling == "poisson",
+         "--dp-accountant pld supports Poisson sampling only (dp-accounting has no PLD for "
+         "sampling without replacement): use --sampling poisson or --dp-accountant rdp")
+    if cfg.dp_clip_quantile is not None:
+        need(0 < cfg.dp_clip_quantile < 1,
+             f"--dp-clip-quantile must be in (0, 1) (got {cfg.dp_clip_quantile})")
+        need(math.isfinite(cfg.dp_clip_lr) and cfg.dp_clip_lr > 0,
+             f"--dp-clip-lr must be positive (got {cfg.dp_clip_lr})")
+        need(cfg.dp_clip_count_stddev is None or cfg.dp_clip_count_stddev >= 0,
+             f"--dp-clip-count-stddev must be >= 0 (got {cfg.dp_clip_count_stddev})")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Settings that are allowed but probably not what the user wants."""
+    out = []
+    if cfg.dp_clip is not None and cfg.dp_delta >= 1 / cfg.clients:
+        out.append(f"--dp-delta {cfg.dp_delta:g} is at least 1/--clients (1/{cfg.clients}): "
+                   "such a guarantee allows revealing a whole client's data; use a smaller delta")
+    if cfg.dp_clip is not None and cfg.dp_noise_multiplier == 0 and cfg.dp_target_epsilon is None:
+        out.append("--dp-noise-multiplier 0: updates are clipped but not noised, so there is "
+                   "no privacy guarantee (epsilon = inf)")
+    return out
 
 
 class _Parser(argparse.ArgumentParser):

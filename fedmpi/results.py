@@ -78,6 +78,37 @@ CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "seconds": ("s", "Wall-clock time of the client's local training"),
 }
 
+# Columns that only some runs have (written by the runtime and update-pipeline
+# stages); described the same way when they are created.
+MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
+    "num_sampled": (
+        "clients", "Clients sampled this round; num_clients of them reported (the others "
+        "dropped out, --dropout-rate)"),
+    "fixed_point_coarse": (
+        "coordinates", "Nonzero update coordinates that the exact fixed-point sum carried with "
+        "fewer than 16 significant bits (their block's bound was set by a much larger value); "
+        "0 in healthy runs"),
+    # differential privacy (--dp-clip)
+    "epsilon": (
+        "1", "Privacy budget spent after this round at the run's dp_delta (user-level; "
+        "accountant in the dp_accountant attribute); inf without noise"),
+    "dp_clip_norm": ("1", "L2 clip norm S the clients used in this round"),
+    "dp_clipped_fraction": (
+        "1", "Fraction of this round's clients whose update was clipped (a diagnostic, "
+        "not privatised)"),
+    "dp_median_norm": (
+        "1", "Median L2 norm of this round's client updates before clipping (a "
+        "diagnostic, not privatised)"),
+    "dp_noise_std": (
+        "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
+        "update (z_update * S / K)"),
+}
+
+MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
+    "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
+    "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
+}
+
 _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
                         "layout_version")
 
@@ -380,7 +411,8 @@ class ResultsWriter:
             ds = group.create_dataset(
                 name, shape=(0,), maxshape=(None,), chunks=(chunk,),
                 dtype="int64" if kind == "i" else "float64")
-            units, description = fields.get(name, ("", ""))
+            more = MORE_ROUND_FIELDS if fields is ROUND_FIELDS else MORE_CLIENT_FIELDS
+            units, description = fields.get(name) or more.get(name, ("", ""))
             ds.attrs["units"] = units
             ds.attrs["description"] = description
         # Only /rounds/round is a proper coordinate (one value per row,

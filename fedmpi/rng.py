@@ -14,10 +14,13 @@ PURPOSES = {
     "init": 1,  # global model initialisation
     "sample": 2,  # which clients take part in a round
     "shuffle": 3,  # a client's minibatch order
+    "dp-noise": 4,  # Gaussian noise added to a round's sum of clipped updates (rank 0)
+    "dp-clip-count": 5,  # noise on the count of unclipped clients (adaptive clipping)
+    "dropout": 6,  # which sampled clients fail to report in a round
     # secure aggregation: codes 20-29 (kept apart from other features' codes)
-    "secagg_keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
-    "secagg_graph": 21,  # the SecAgg+ neighbour graph of a round
-    "secagg_dropout": 22,  # the protocol phase in which a failing client stops
+    "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
+    "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round
+    "secagg-dropout": 22,  # the protocol phase in which a failing client stops
 }
 
 

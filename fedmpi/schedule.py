@@ -6,11 +6,39 @@ import numpy as np
 
 from fedmpi.rng import generator
 
+SAMPLINGS = ("fixed", "poisson")
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> np.ndarray:
-    """Client ids of a round, drawn without replacement, in ascending order."""
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_: int,
+                   sampling: str = "fixed") -> np.ndarray:
+    """Client ids of a round, in ascending order.
+
+    fixed: exactly `per_round` clients drawn without replacement.
+    poisson: each client independently with probability q = per_round /
+    num_clients (a round may have none). Drawn as a Binomial(N, q) count and
+    then that many distinct clients uniformly -- the same distribution as N
+    independent coin flips, at O(count) cost instead of O(N).
+    """
     rng = generator(seed, "sample", round_)
-    return np.sort(rng.choice(num_clients, size=per_round, replace=False)).astype(np.int64)
+    if sampling == "poisson":
+        count = int(rng.binomial(num_clients, per_round / num_clients))
+    elif sampling == "fixed":
+        count = per_round
+    else:
+        raise ValueError(f"unknown sampling {sampling!r}")
+    return np.sort(rng.choice(num_clients, size=count, replace=False)).astype(np.int64)
+
+
+def dropouts(clients: np.ndarray, rate: float, seed: int, round_: int) -> np.ndarray:
+    """Boolean mask over `clients`: True where the client fails to report this round.
+
+    One coin per (round, client) from the client's own generator, so whether
+    a client drops out does not depend on which other clients were sampled.
+    """
+    if rate <= 0:
+        return np.zeros(clients.shape[0], bool)
+    return np.array([generator(seed, "dropout", round_, int(c)).random() < rate
+                     for c in clients.tolist()], bool)
 
 
 def assign(clients: np.ndarray, sizes: np.ndarray, num_workers: int) -> list[np.ndarray]:

@@ -42,7 +42,7 @@ CONFIGS = {
 }
 
 ROUND_COLUMNS = {"round", "test_accuracy", "test_loss", "train_loss", "num_clients",
-                 "num_samples", "seconds", "bytes_up", "bytes_down"}
+                 "num_samples", "seconds", "bytes_up", "bytes_down", "num_sampled", "fixed_point_coarse"}
 CLIENT_COLUMNS = {"round", "client_id", "rank", "num_samples", "train_loss", "seconds"}
 
 
@@ -245,6 +245,8 @@ def test_hdf5_layout(job, ranks):
         r = {name: ds[()] for name, ds in f["rounds"].items()}
         np.testing.assert_array_equal(r["round"], np.arange(1, rounds + 1))
         np.testing.assert_array_equal(r["num_clients"], per_round)
+        np.testing.assert_array_equal(r["num_sampled"], per_round)  # no drop-outs
+        np.testing.assert_array_equal(r["fixed_point_coarse"], 0)  # a healthy run
         assert ((0 <= r["test_accuracy"]) & (r["test_accuracy"] <= 1)).all()
         assert np.isfinite(r["test_loss"]).all() and np.isfinite(r["train_loss"]).all()
         assert (r["seconds"] >= 0).all()

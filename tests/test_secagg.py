@@ -160,7 +160,7 @@ def test_masked_inputs_minus_self_masks_sum_to_the_plain_sum():
     for u in ids:
         y = clients[u].masked_input(x[u], inbox[u])
         assert not np.array_equal(y, x[u].view(np.uint64))
-        b_u = rng.generator(seed, "secagg_keys", rnd, u).bytes(96)[64:]
+        b_u = rng.generator(seed, "secagg-keys", rnd, u).bytes(96)[64:]
         total += y - _aes_ctr(b_u, 257)
     assert np.array_equal(total.view(np.int64), _plain_sum(x, ids))
 

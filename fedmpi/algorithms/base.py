@@ -65,6 +65,8 @@ class FedAvg:
 
     def combine(self, updates: np.ndarray) -> np.ndarray:
         """The round's update from all clients' updates ((K, P), in client-id order)."""
+        if updates.shape[0] == 0:  # a Poisson-sampled round may have no client
+            return np.zeros(updates.shape[1])
         if self.cfg.aggregator == "median":
             return robust.coordinate_median(updates)
         return robust.trimmed_mean(updates, self.cfg.trim)

@@ -30,7 +30,7 @@ reconstructed: the server then holds only masked vectors, which look uniform.
 Trust model: semi-honest server and clients (the paper's active-adversary
 version adds signatures and a consistency round; not simulated). Every
 client's key pairs, mask seed and Shamir coefficients come from
-fedmpi.rng.generator(seed, "secagg_keys", round, client) so that runs are
+fedmpi.rng.generator(seed, "secagg-keys", round, client) so that runs are
 reproducible; a deployment draws them from the operating system's CSPRNG.
 """
 
@@ -135,7 +135,7 @@ def neighbours(clients, k: int | None, seed: int, rnd: int) -> dict[int, tuple[i
         return {u: tuple(v for v in ids if v != u) for u in ids}
     if k % 2 or k < 2:
         raise ValueError(f"SecAgg+ degree must be even and >= 2, not {k}")
-    order = [ids[i] for i in rng.generator(seed, "secagg_graph", rnd).permutation(n)]
+    order = [ids[i] for i in rng.generator(seed, "secagg-graph", rnd).permutation(n)]
     nb = {u: set() for u in ids}
     for i, u in enumerate(order):
         for d in range(1, k // 2 + 1):
@@ -201,7 +201,7 @@ class Client:
     def __init__(self, cid: int, seed: int, rnd: int, threshold: int):
         self.id = cid
         self.threshold = threshold
-        g = rng.generator(seed, "secagg_keys", rnd, cid)
+        g = rng.generator(seed, "secagg-keys", rnd, cid)
         self._c_sk = X25519PrivateKey.from_private_bytes(g.bytes(_KEY_BYTES))  # share encryption
         self._s_sk = X25519PrivateKey.from_private_bytes(g.bytes(_KEY_BYTES))  # pairwise masks
         self._b = g.bytes(_KEY_BYTES)  # self-mask seed
@@ -388,7 +388,7 @@ def dropout_phases(dropped, seed: int, rnd: int) -> dict[int, str]:
     (round, client), so that runs exercise every recovery path. (A client
     dropping after its masked input still counts in the sum, so it is not a
     client that "fails to report".)"""
-    return {u: PHASES[int(rng.generator(seed, "secagg_dropout", rnd, u).integers(3))] for u in dropped}
+    return {u: PHASES[int(rng.generator(seed, "secagg-dropout", rnd, u).integers(3))] for u in dropped}
 
 
 # ---------------------------------------------------------------- one round

@@ -63,10 +63,9 @@ def gather_rows(comm: MPI.Comm, rows: np.ndarray, counts: list[int]) -> np.ndarr
     return out if comm.rank == 0 else None
 
 
-def allreduce_max(comm: MPI.Comm, value: float) -> float:
-    buf = np.array([value], np.float64)
+def allreduce_max(comm: MPI.Comm, buf: np.ndarray) -> None:
+    """buf = elementwise max of every rank's buf, in place (exact)."""
     wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX))
-    return float(buf[0])
 
 
 def node_comm(comm: MPI.Comm) -> MPI.Comm:

@@ -2,13 +2,19 @@
 
 Rank 0 is the aggregator; ranks 1..size-1 host the clients (a single process
 plays both roles). One round:
-  1. every rank draws the same clients and the same rank assignment;
-  2. each worker trains its clients one after another, keeping their updates;
-  3. an Allreduce(MAX) agrees on a bound of the updates, each worker sums its
-     weighted updates as fixed-point int64 and one Reduce brings the sums to
-     rank 0 -- exact, so the result does not depend on who trained whom;
-  4. rank 0 applies the server step and broadcasts the new global model;
+  1. rank 0 broadcasts what the update pipeline's stages tell clients (a clip
+     norm); every rank draws the same clients, drop-outs and rank assignment;
+  2. each worker trains its clients one after another and runs the client side
+     of the pipeline (fedmpi/pipeline.py: clipping, ...) on each update;
+  3. an Allreduce(MAX) agrees on per-block bounds of the updates; each worker
+     sums its weighted updates as fixed-point int64 and the node-shared sum plus
+     a Reduce between nodes brings the total to rank 0 -- exact, so the result
+     does not depend on who trained whom (robust combiners Gatherv every update
+     instead, ordered by client id);
+  4. rank 0 runs the server side of the pipeline (DP noise, ...), applies the
+     server step and broadcasts the new global model;
   5. every rank evaluates a fixed set of test chunks, rank 0 writes the round.
+The loop knows no feature by name: what transforms updates is a pipeline stage.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from mpi4py import MPI
 
 import fedmpi
 from fedmpi import aggregate, algorithms, schedule
+from fedmpi import pipeline as update_pipeline
 from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
+from fedmpi.config import warnings as config_warnings
 from fedmpi.data import Dataset, load_dataset
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
@@ -117,6 +125,27 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
     return data, handle
 
 
+def _solve_noise(cfg: Config, comm: MPI.Comm) -> Config:
+    """--dp-target-epsilon: the noise multiplier that reaches it, solved on rank 0."""
+    if cfg.dp_clip is None or cfg.dp_target_epsilon is None:
+        return cfg
+    from fedmpi.privacy.accounting import solve_noise_multiplier
+
+    z, error = None, None
+    if comm.rank == 0:
+        try:
+            z = solve_noise_multiplier(
+                cfg.dp_target_epsilon, cfg.rounds, kind=cfg.dp_accountant, sampling=cfg.sampling,
+                num_clients=cfg.clients, per_round=cfg.clients_per_round, delta=cfg.dp_delta)
+            print(f"--dp-target-epsilon {cfg.dp_target_epsilon:g}: noise multiplier {z:g} "
+                  f"(epsilon after {cfg.rounds} rounds at delta {cfg.dp_delta:g})", flush=True)
+        except ValueError as e:
+            error = (f"--dp-target-epsilon {cfg.dp_target_epsilon:g} cannot be reached: {e}; "
+                     "allow a larger epsilon, fewer --rounds or a smaller sampling rate")
+    C.agree(comm, error)
+    return dataclasses.replace(cfg, dp_noise_multiplier=comm.bcast(z, root=0))
+
+
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
              indices: np.ndarray) -> None:
     """Compile every kernel the run uses, one rank of each node at a time.
@@ -136,7 +165,7 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
                                          np.random.default_rng(0))
                 acc = np.zeros(res.update.shape, np.int64)
                 aggregate.accumulate(acc, res.update, 0.5, 1.0)
-                aggregate.max_abs(res.update)
+                aggregate.block_max_abs(res.update, np.zeros(aggregate.num_blocks(acc.shape[0])))
                 trainer.evaluate(params, 0, 1)
             C.barrier(node)
     finally:
@@ -210,6 +239,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             error = str(e)
     C.agree(comm, error)
     cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
+    cfg = _solve_noise(cfg, comm)
 
     data, _keep_alive = _load_shared(cfg, comm)
     part = make_partition(cfg.partition, data.y_train, cfg.clients, seed=cfg.seed,
@@ -219,6 +249,11 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
+    pipeline = update_pipeline.build(cfg, model)
+    # per-client statistics that travel to rank 0 with one Reduce: training, the
+    # pipeline's client columns, and (last) the fixed-point encoder's coarse count
+    stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
+    warned_coarse = False
     trainer = LocalTrainer(cfg, model, data)
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
     nbytes = model.num_params * 4  # one float32 model or update
@@ -228,18 +263,23 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     writer, first, error = None, 1, None
     if root:
         _print_config(cfg, data, model, size, where)
+        for line in pipeline.describe():
+            print(line, flush=True)
+        for line in config_warnings(cfg):
+            print(f"fedmpi: warning: {line}", file=sys.stderr, flush=True)
         try:  # the path was checked, but creating the file can still fail (disk, name, race)
             if ckpt is not None:
                 writer, done, arrays = ResultsWriter.reopen(cfg.out)
                 params[:] = arrays["params"]
                 algo.load_server_state(arrays)
+                pipeline.load_state(arrays)
                 first = done + 1
                 print(f"resuming {cfg.out} after round {done}", flush=True)
             else:
                 writer = ResultsWriter(
                     cfg.out, overwrite=replace, config=cfg.to_dict(),
                     attrs={"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
-                        [sys.executable, "-m", "fedmpi", *(argv or [])])},
+                        [sys.executable, "-m", "fedmpi", *(argv or [])]), **pipeline.attrs()},
                     layer_sizes=list(model.sizes), partition_sizes=sizes,
                     label_histogram=part.label_histogram(data.y_train, data.num_classes))
         except UserError as e:
@@ -261,56 +301,66 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             print(f"{cfg.out} already holds all {cfg.rounds} rounds", flush=True)
         for rnd in range(first, cfg.rounds + 1):
             t0 = time.perf_counter()
-            clients = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd)
+            rparams = pipeline.round_params(rnd) if root else None
+            if pipeline.has_round_params:
+                rparams = comm.bcast(rparams, root=0)  # small control data (a clip norm)
+            sampled = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd,
+                                              cfg.sampling)
+            clients = sampled[~schedule.dropouts(sampled, cfg.dropout_rate, cfg.seed, rnd)]
             plan = schedule.assign(clients, sizes, len(workers))
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
-            weights = np.array([algo.weight(int(sizes[c])) for c in clients], np.float64)
-            total_weight = float(weights.sum())
-            weight_of = dict(zip(clients.tolist(), (weights / total_weight).tolist()))
+            weights = pipeline.weights(
+                np.array([algo.weight(int(sizes[c])) for c in clients.tolist()], np.float64),
+                cfg.clients_per_round)
 
-            # 2. local training
+            # 2. local training and the client side of the pipeline
             updates = np.empty((len(mine), model.num_params), np.float32)
-            # per client of the round (in `clients` order): mean train loss, seconds;
+            # per client of the round (rows in `clients` order), columns `stat_cols`;
             # zero rows for clients of other ranks, so a sum collects them exactly
-            stats = np.zeros((len(clients), 2), np.float64)
-            bound = 0.0
+            stats = np.zeros((len(clients), len(stat_cols)), np.float64)
+            bounds = np.zeros(aggregate.num_blocks(model.num_params))
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
                 res = algo.client_update(trainer, params, part.indices(c),
                                          generator(cfg.seed, "shuffle", rnd, c))
                 updates[i] = res.update
-                bound = max(bound, aggregate.max_abs(updates[i]))
+                metrics = pipeline.client(updates[i], rnd, c, cfg.seed, rparams)
+                aggregate.block_max_abs(updates[i], bounds)  # also catches a diverged client
                 row = np.searchsorted(clients, c)
-                stats[row] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
+                stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
+                stats[row, 2:-1] = [metrics[k] for k in pipeline.client_columns]
 
-            # 3. exact aggregation (the bound also catches a diverged client)
-            bound = C.allreduce_max(comm, bound)
+            # 3. transport to rank 0: the exact sum, or every update for robust combiners
+            C.allreduce_max(comm, bounds)
             try:
-                scale = aggregate.scale_for(bound)
+                scales = aggregate.scales_for(bounds, float(np.abs(weights).sum()))
             except FloatingPointError:
                 raise UserError(f"training diverged in round {rnd}: a client's update is not "
                                 "finite; lower --lr (or --server-lr)") from None
             if algo.needs_each_update:
-                # robust combiners need every update: gather them, in client-id order
                 by_rank = [plan[workers.index(r)] if r in workers else [] for r in range(size)]
                 stacked = C.gather_rows(comm, updates, [len(p) for p in by_rank])
-                if root:
-                    order = np.argsort(np.concatenate(by_rank))
-                    mean_update = algo.combine(stacked[order])
+                if root:  # in client-id order, whoever trained them
+                    combined = algo.combine(stacked[np.argsort(np.concatenate(by_rank))])
             else:
                 acc = np.zeros(model.num_params, np.int64)
                 for i, c in enumerate(mine.tolist()):
-                    aggregate.accumulate(acc, updates[i], weight_of[c], scale)
+                    row = np.searchsorted(clients, c)
+                    stats[row, -1] = aggregate.accumulate(acc, updates[i], weights[row], scales)
                 total = np.zeros_like(acc) if root else None
                 shared.sum_to_root(acc, total)
                 if root:
-                    mean_update = aggregate.to_float(total, scale)
+                    combined = aggregate.to_float(total, scales)
             all_stats = np.zeros_like(stats) if root else None
             C.reduce_sum(comm, stats, all_stats)
 
-            # 4. server step and broadcast
+            # 4. the server side of the pipeline, the server step and the broadcast
             if root:
-                params = algo.server_step(params, mean_update)
+                update, stage_metrics = pipeline.server(
+                    combined, rnd, clients,
+                    {k: all_stats[:, 2 + j] for j, k in enumerate(pipeline.client_columns)},
+                    cfg.clients_per_round, cfg.seed, rparams)
+                params = algo.server_step(params, update)
             shared.bcast_from_root(params)
 
             # 5. evaluation and results
@@ -320,23 +370,34 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if root:
                 rank_of = {c: workers[w] for w, cs in enumerate(plan) for c in cs.tolist()}
                 cols = {"round": np.full(len(clients), rnd), "client_id": clients,
-                        "rank": np.array([rank_of[c] for c in clients.tolist()]),
-                        "num_samples": sizes[clients], "train_loss": all_stats[:, 0],
-                        "seconds": all_stats[:, 1]}
+                        "rank": np.array([rank_of[c] for c in clients.tolist()], np.int64),
+                        "num_samples": sizes[clients]}
+                cols.update({k: all_stats[:, j] for j, k in enumerate(stat_cols[:-1])})
                 n_round = int(cols["num_samples"].sum())
-                train_loss = float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
+                train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
+                              if n_round else float("nan"))
+                coarse = int(all_stats[:, -1].sum())
+                if coarse and not warned_coarse:
+                    warned_coarse = True
+                    print(f"fedmpi: warning: round {rnd}: {coarse} update coordinates kept fewer "
+                          f"than {aggregate.COARSE_BITS} significant bits in the exact sum, "
+                          "because a much larger value (a diverging or malicious client?) set "
+                          "their block's scale; see /rounds/fixed_point_coarse",
+                          file=sys.stderr, flush=True)
                 seconds = time.perf_counter() - t0
                 with signals.held():  # a stop never leaves half a round in the file
                     writer.append_round({
                         "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
                         "train_loss": train_loss, "num_clients": len(clients),
-                        "num_samples": n_round, "seconds": seconds,
-                        "bytes_up": len(clients) * nbytes, "bytes_down": len(clients) * nbytes,
+                        "num_sampled": len(sampled), "num_samples": n_round, "seconds": seconds,
+                        "bytes_up": len(clients) * nbytes, "bytes_down": len(sampled) * nbytes,
+                        "fixed_point_coarse": coarse, **stage_metrics,
                     })
                     writer.append_clients(cols)
                     writer.flush()
                     if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds:
-                        writer.write_checkpoint(rnd, {"params": params, **algo.server_state()})
+                        writer.write_checkpoint(rnd, {"params": params, **algo.server_state(),
+                                                      **pipeline.state()})
                     if rnd == cfg.rounds:
                         writer.write_params("params", params)
                         writer.flush()

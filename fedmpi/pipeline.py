@@ -1,0 +1,155 @@
+"""The update pipeline: small stages between "client trained" and "server stepped".
+
+    client (on whichever rank trains it):  train -> delta -> stage.client ... (clip, ...)
+    transport (runtime):                   exact fixed-point sum, or Gatherv of each update
+    server (rank 0):                       decode -> stage.server ... (noise, ...) -> server step
+
+A stage is a plain object with no MPI and no I/O. It owns its state (for
+example the adaptive clip norm), declares it for checkpoints, and names the
+metrics it reports, per client and per round. The round loop runs the chain
+and does not know which stages exist: a new transformation of updates is a
+new stage, never a branch in the loop.
+
+State lives on the server (rank 0). What clients need from it in a round
+(a clip norm, ...) is the stage's `round_params`, broadcast at the start of
+the round as small control data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ClientContext:
+    """What a client-side stage may use: who the client is and the round's parameters."""
+    rnd: int
+    client_id: int
+    seed: int
+    params: dict  # this round's parameters from every stage's round_params, by stage name
+    metrics: dict = field(default_factory=dict)  # per-client metrics the stage fills
+
+
+@dataclass
+class ServerContext:
+    """What a server-side stage may use (rank 0, once per round)."""
+    rnd: int
+    clients: np.ndarray  # ids of the clients whose updates are in the aggregate, ascending
+    client_metrics: dict  # {column: float64 array aligned with `clients`}
+    expected_clients: int  # clients per round the run asked for (K)
+    seed: int
+    params: dict  # the round's parameters, as the clients saw them
+    metrics: dict = field(default_factory=dict)  # per-round metrics the stage fills
+
+
+class Stage:
+    """Base class: a stage that does nothing. Override what the stage needs."""
+
+    name = "stage"
+    # per-client float metrics this stage sets in ClientContext.metrics -> /clients/<column>
+    client_columns: tuple[str, ...] = ()
+    # per-round metrics this stage sets in ServerContext.metrics -> /rounds/<column>
+    # (their units and descriptions: fedmpi.results.ROUND_FIELDS / CLIENT_FIELDS)
+    round_columns: tuple[str, ...] = ()
+    # True if the server divides the sum of updates by the expected number of
+    # clients per round instead of normalising sample weights (DP needs it:
+    # data-dependent weights break the sensitivity bound)
+    fixed_denominator = False
+
+    def round_params(self, rnd: int) -> dict:
+        return {}
+
+    def client(self, update: np.ndarray, ctx: ClientContext) -> None:
+        """Transform one client's float32 update in place."""
+
+    def server(self, mean: np.ndarray, ctx: ServerContext) -> np.ndarray:
+        """Transform the float64 combined update; return it (or a new array)."""
+        return mean
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Server state to checkpoint (names must be unique across stages)."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+
+class Pipeline:
+    """The chain of stages, in order; the only thing the round loop talks to."""
+
+    def __init__(self, stages: list[Stage]):
+        self.stages = list(stages)
+        self.client_columns = tuple(c for s in self.stages for c in s.client_columns)
+        self.round_columns = tuple(c for s in self.stages for c in s.round_columns)
+        self.fixed_denominator = any(s.fixed_denominator for s in self.stages)
+
+    @property
+    def has_round_params(self) -> bool:
+        return any(type(s).round_params is not Stage.round_params for s in self.stages)
+
+    def round_params(self, rnd: int) -> dict:
+        return {s.name: s.round_params(rnd) for s in self.stages}
+
+    def weights(self, raw: np.ndarray, expected_clients: int) -> np.ndarray:
+        """Each reporting client's weight in the combined update.
+
+        Normalised algorithm weights (FedAvg: n_k / n), or 1/K for every
+        client when a stage fixes the denominator (then the weights sum to
+        the number of reporting clients over K, which may exceed 1 under
+        Poisson sampling; the fixed-point encoding leaves room for that).
+        """
+        if self.fixed_denominator:
+            return np.full(raw.shape, 1.0 / expected_clients)
+        total = float(raw.sum())
+        return raw / total if total > 0 else raw.astype(np.float64)
+
+    def client(self, update: np.ndarray, rnd: int, client_id: int, seed: int,
+               params: dict) -> dict:
+        """Run the client-side stages on one update (in place); its metrics."""
+        ctx = ClientContext(rnd, client_id, seed, params)
+        for s in self.stages:
+            s.client(update, ctx)
+        return ctx.metrics
+
+    def server(self, mean: np.ndarray, rnd: int, clients: np.ndarray, client_metrics: dict,
+               expected_clients: int, seed: int, params: dict) -> tuple[np.ndarray, dict]:
+        """Run the server-side stages on the combined update; (update, round metrics)."""
+        ctx = ServerContext(rnd, clients, client_metrics, expected_clients, seed, params)
+        for s in self.stages:
+            mean = s.server(mean, ctx)
+        missing = set(self.round_columns) - set(ctx.metrics)
+        if missing:  # a results file needs the same columns every round
+            raise RuntimeError(f"pipeline stages did not report {sorted(missing)}")
+        return mean, ctx.metrics
+
+    def state(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for s in self.stages:
+            out.update(s.state())
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for s in self.stages:
+            s.load_state(arrays)
+
+    def describe(self) -> list[str]:
+        """One line per stage for the run's log (rank 0)."""
+        return [d for s in self.stages if (d := getattr(s, "description", ""))]
+
+    def attrs(self) -> dict:
+        """Results-file attributes the stages record (rank 0)."""
+        out: dict = {}
+        for s in self.stages:
+            out.update(getattr(s, "attrs", dict)())
+        return out
+
+
+def build(cfg, model) -> Pipeline:
+    """The pipeline a configuration asks for."""
+    stages: list[Stage] = []
+    if cfg.dp_clip is not None:
+        from fedmpi.privacy.dp import GaussianDP
+        stages.append(GaussianDP(cfg, model))
+    return Pipeline(stages)
