@@ -33,7 +33,7 @@ def main():
     out = {}
     if mode == "he":
         public, secret = secure.he_keys(comm)
-        r = secure.he_sum(comm, inputs, public, secret, n)
+        r = secure.he_sum(comm, mine, inputs.__getitem__, public, secret, n)
         if comm.rank == 0:
             out = {"total": r.total.tobytes().hex(), "included": clients,
                    "up": [r.bytes_up[u] for u in clients]}
@@ -46,8 +46,8 @@ def main():
             C.reduce_sum(comm, part, total)
             return total
 
-        r = secure.secagg_sum(comm, inputs, clients=clients, plan=plan, seed=5, rnd=2, n=n,
-                              reduce=reduce, drop=drop)
+        r = secure.secagg_sum(comm, mine, inputs.__getitem__, clients=clients, plan=plan, seed=5,
+                              rnd=2, n=n, reduce=reduce, drop=drop)
         if comm.rank == 0:
             out = {"total": None if r.total is None else r.total.tobytes().hex(),
                    "included": list(r.included), "aborted": r.aborted,

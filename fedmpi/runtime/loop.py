@@ -42,6 +42,7 @@ from fedmpi.model.mlp import MLP
 from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
+from fedmpi.runtime import secure
 from fedmpi.runtime import signals
 
 EVAL_CHUNK = 250  # test samples per evaluation chunk: fixed, so sums do not depend on ranks;
@@ -144,6 +145,33 @@ def _solve_noise(cfg: Config, comm: MPI.Comm) -> Config:
                      "allow a larger epsilon, fewer --rounds or a smaller sampling rate")
     C.agree(comm, error)
     return dataclasses.replace(cfg, dp_noise_multiplier=comm.bcast(z, root=0))
+
+
+def _encoder(model: MLP, mine: np.ndarray, clients: np.ndarray, updates: np.ndarray,
+             weights: np.ndarray, scales: np.ndarray, stats: np.ndarray):
+    """encode(c) -> client c's term of the exact sum, alone: round(w_c u_c scale) as int64.
+
+    The plain path adds the very same integers into one accumulator, so a
+    securely summed round equals it bit for bit. Notes the coarse count.
+    """
+    index = {c: i for i, c in enumerate(mine.tolist())}
+
+    def encode(c: int) -> np.ndarray:
+        x = np.zeros(model.num_params, np.int64)
+        row = np.searchsorted(clients, c)
+        stats[row, -1] = aggregate.accumulate(x, updates[index[c]], weights[row], scales)
+        return x
+    return encode
+
+
+def _summer(shared: C.NodeShared, root: bool, n: int):
+    """reduce(part) -> the Z_{2^64} sum of every rank's uint64 part on rank 0, by the exact-sum transport."""
+    def reduce(part: np.ndarray) -> np.ndarray | None:
+        # int64 addition that wraps is uint64 addition, bit for bit
+        total = np.zeros(n, np.int64) if root else None
+        shared.sum_to_root(part.view(np.int64), total)
+        return total.view(np.uint64) if root else None
+    return reduce
 
 
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
@@ -250,6 +278,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
     pipeline = update_pipeline.build(cfg, model)
+    # --secure-aggregation: the exact sum's transport, protected (he makes its keys here)
+    secure_sum = secure.SecureSum(cfg, comm, workers) if cfg.secure_aggregation != "none" else None
     # per-client statistics that travel to rank 0 with one Reduce: training, the
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
     stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
@@ -265,6 +295,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
         _print_config(cfg, data, model, size, where)
         for line in pipeline.describe():
             print(line, flush=True)
+        if secure_sum is not None:
+            print(secure_sum.describe(cfg.clients_per_round), flush=True)
         for line in config_warnings(cfg):
             print(f"fedmpi: warning: {line}", file=sys.stderr, flush=True)
         try:  # the path was checked, but creating the file can still fail (disk, name, race)
@@ -342,6 +374,13 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 stacked = C.gather_rows(comm, updates, [len(p) for p in by_rank])
                 if root:  # in client-id order, whoever trained them
                     combined = algo.combine(stacked[np.argsort(np.concatenate(by_rank))])
+            elif secure_sum is not None:  # the same int64 terms, each masked or encrypted
+                total, secure_metrics, secure_seconds = secure_sum(
+                    rnd, sampled, clients, mine, _encoder(model, mine, clients, updates, weights, scales, stats),
+                    _summer(shared, root, model.num_params), model.num_params)
+                if root:  # a skipped round (too few survivors to unmask) changes nothing
+                    combined = aggregate.to_float(total if total is not None else
+                                                  np.zeros(model.num_params, np.int64), scales)
             else:
                 acc = np.zeros(model.num_params, np.int64)
                 for i, c in enumerate(mine.tolist()):
@@ -360,7 +399,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                     combined, rnd, clients,
                     {k: all_stats[:, 2 + j] for j, k in enumerate(pipeline.client_columns)},
                     cfg.clients_per_round, cfg.seed, rparams)
-                params = algo.server_step(params, update)
+                if secure_sum is None or not secure_metrics["secure_skipped"]:
+                    params = algo.server_step(params, update)
             shared.bcast_from_root(params)
 
             # 5. evaluation and results
@@ -373,6 +413,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "rank": np.array([rank_of[c] for c in clients.tolist()], np.int64),
                         "num_samples": sizes[clients]}
                 cols.update({k: all_stats[:, j] for j, k in enumerate(stat_cols[:-1])})
+                if secure_sum is not None:
+                    cols["secure_seconds"] = secure_seconds
                 n_round = int(cols["num_samples"].sum())
                 train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                               if n_round else float("nan"))
@@ -392,6 +434,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "num_sampled": len(sampled), "num_samples": n_round, "seconds": seconds,
                         "bytes_up": len(clients) * nbytes, "bytes_down": len(sampled) * nbytes,
                         "fixed_point_coarse": coarse, **stage_metrics,
+                        **(secure_metrics if secure_sum is not None else {}),
                     })
                     writer.append_clients(cols)
                     writer.flush()

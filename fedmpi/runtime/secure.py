@@ -53,22 +53,24 @@ def _route(comm: MPI.Comm, hosted: list[list[int]] | None, msgs: dict, step) -> 
     return payload
 
 
-def secagg_sum(comm: MPI.Comm, inputs: dict[int, np.ndarray], *, clients, plan: secagg.Plan,
-               seed: int, rnd: int, n: int, reduce: Callable[[np.ndarray], np.ndarray | None],
+def secagg_sum(comm: MPI.Comm, hosted: list[int], encode: Callable[[int], np.ndarray], *, clients,
+               plan: secagg.Plan, seed: int, rnd: int, n: int,
+               reduce: Callable[[np.ndarray], np.ndarray | None],
                drop: dict[int, str] | None = None) -> RoundResult | None:
     """One SecAgg / SecAgg+ round over `comm`.
 
-    inputs: this rank's clients' int64 fixed-point encodings (length n);
-    clients: every sampled client of the round (the same on all ranks);
+    hosted: the clients this rank runs the protocol for; encode(u) -> client
+    u's int64 fixed-point input (length n), asked only of clients that send
+    one; clients: every sampled client of the round (the same on all ranks);
     reduce(part) -> the sum over ranks of the uint64 `part` on rank 0 (None
     elsewhere), called once by every rank; drop: who stops at which phase.
     Returns the RoundResult on rank 0 (with .seconds per client), None elsewhere.
     """
     root = comm.rank == 0
     clients = sorted(int(c) for c in clients)
-    hosted = comm.gather(sorted(inputs), root=0)
+    group = ClientGroup(hosted, seed, rnd, plan.threshold, drop)
+    hosted = comm.gather(sorted(hosted), root=0)
     server = Server(clients, plan.threshold, secagg.neighbours(clients, plan.k, seed, rnd)) if root else None
-    group = ClientGroup(inputs, seed, rnd, plan.threshold, drop)
     server_seconds = 0.0
 
     def serve(f):
@@ -94,7 +96,7 @@ def secagg_sum(comm: MPI.Comm, inputs: dict[int, np.ndarray], *, clients, plan: 
     try:
         keys = _route(comm, hosted, group.advertise(), serve(server.route_keys if root else None))
         inbox = _route(comm, hosted, group.share_keys(keys), serve(server.route_shares if root else None))
-        part, senders = group.masked_sum(inbox, inputs, n)
+        part, senders = group.masked_sum(inbox, encode, n)
         masked_sum = reduce(part)
         u3 = _route(comm, hosted, dict.fromkeys(senders),
                     serve(lambda m: server.collect_masked(list(m), 8 * n)))
@@ -138,8 +140,9 @@ class HEResult:
     server_seconds: float  # rank 0 adding ciphertexts
 
 
-def he_sum(comm: MPI.Comm, inputs: dict[int, np.ndarray], public, secret, n: int) -> HEResult | None:
-    """Sum every rank's clients' int64 inputs under BFV encryption; the result on rank 0.
+def he_sum(comm: MPI.Comm, hosted: list[int], encode: Callable[[int], np.ndarray],
+           public, secret, n: int) -> HEResult | None:
+    """Sum the int64 inputs encode(u) of every rank's `hosted` clients under BFV; the result on rank 0.
 
     Each rank adds its own clients' ciphertexts (a client host may add what
     it is given), rank 0 adds the ranks' sums; only the key holder decrypts.
@@ -147,9 +150,10 @@ def he_sum(comm: MPI.Comm, inputs: dict[int, np.ndarray], public, secret, n: int
     from fedmpi.privacy import he
     root, holder = comm.rank == 0, key_holder(comm)
     seconds, sizes, local = {}, {}, he.Sum(public)
-    for u in sorted(inputs):
+    for u in sorted(hosted):
+        x = encode(u)
         t0 = time.perf_counter()
-        cts = public.encrypt(inputs[u])
+        cts = public.encrypt(x)
         seconds[u] = time.perf_counter() - t0
         sizes[u] = sum(map(len, cts))
         local.add(cts)
@@ -186,3 +190,70 @@ def he_sum(comm: MPI.Comm, inputs: dict[int, np.ndarray], public, secret, n: int
         return None
     return HEResult(total, {u: b for _, _, s in gathered for u, b in s.items()}, sum(map(len, summed)),
                     {u: t for _, s, _ in gathered for u, t in s.items()}, decrypt_seconds, server_seconds)
+
+
+# ---------------------------------------------------------------- the run's transport
+
+class SecureSum:
+    """--secure-aggregation secagg|secagg+|he: the round's exact int64 sum, protected.
+
+    Built once per run on every rank (for he this makes the key pair: collective).
+    Called once per round by every rank; returns on rank 0 the sum of the
+    reporting clients' encodings (None if the round was skipped), the round's
+    metrics and each reporting client's cryptography seconds.
+    """
+
+    def __init__(self, cfg, comm: MPI.Comm, workers: list[int]):
+        self.mode, self.threshold, self.seed = cfg.secure_aggregation, cfg.secagg_threshold, cfg.seed
+        self.comm, self.workers = comm, workers
+        self.keys = he_keys(comm) if self.mode == "he" else (None, None)
+        phases = ("ciphertext", "decrypt") if self.mode == "he" else secagg.PHASES
+        self.round_columns = ("secure_skipped", *(f"secure_bytes_{p}" for p in phases),
+                              "secure_client_seconds", "secure_server_seconds")
+
+    def describe(self, clients_per_round: int) -> str:
+        if self.mode == "he":
+            from fedmpi.privacy import he
+            return (f"secure aggregation: he (BFV, TenSEAL; {he.POLY_DEGREE} slots per ciphertext, "
+                    f"key pair held by the clients of rank {key_holder(self.comm)})")
+        p = secagg.round_plan(self.mode, clients_per_round, self.threshold)
+        deg = f"{p.k} neighbours" if p.k is not None else "all other clients"
+        return (f"secure aggregation: {self.mode} (each client pairs with {deg}; "
+                f"threshold {p.threshold} share holders)")
+
+    def __call__(self, rnd: int, sampled: np.ndarray, clients: np.ndarray, mine: np.ndarray,
+                 encode: Callable[[int], np.ndarray], reduce: Callable[[np.ndarray], np.ndarray | None],
+                 n: int):
+        if self.mode == "he":
+            return self._he(clients, mine, encode, n)
+        comm, workers = self.comm, self.workers
+        # clients that fail to report still take part until their drop phase:
+        # they are hosted round-robin by the workers (they train nothing)
+        dropped = np.setdiff1d(sampled, clients).tolist()
+        hosted = mine.tolist() + [u for i, u in enumerate(dropped) if workers[i % len(workers)] == comm.rank]
+        r = secagg_sum(comm, hosted, encode, clients=sampled.tolist(),
+                       plan=secagg.round_plan(self.mode, len(sampled), self.threshold),
+                       seed=self.seed, rnd=rnd, n=n, reduce=reduce,
+                       drop=secagg.dropout_phases(dropped, self.seed, rnd))
+        if r is None:
+            return None, None, None
+        metrics = {"secure_skipped": int(r.total is None),
+                   **{f"secure_bytes_{p}": _mean(r.traffic.up[p] + r.traffic.down[p]) for p in secagg.PHASES},
+                   "secure_client_seconds": r.client_seconds, "secure_server_seconds": r.server_seconds}
+        return r.total, metrics, np.array([r.seconds.get(c, 0.0) for c in clients.tolist()])
+
+    def _he(self, clients, mine, encode, n):
+        public, secret = self.keys
+        r = he_sum(self.comm, mine.tolist(), encode, public, secret, n)
+        if r is None:
+            return None, None, None
+        metrics = {"secure_skipped": 0,
+                   "secure_bytes_ciphertext": _mean(np.array(list(r.bytes_up.values()), np.float64)),
+                   "secure_bytes_decrypt": r.bytes_down,
+                   "secure_client_seconds": sum(r.seconds.values()) + r.decrypt_seconds,
+                   "secure_server_seconds": r.server_seconds}
+        return r.total, metrics, np.array([r.seconds.get(c, 0.0) for c in clients.tolist()])
+
+
+def _mean(a: np.ndarray) -> float:
+    return float(a.mean()) if a.size else 0.0
