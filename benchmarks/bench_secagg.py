@@ -23,6 +23,14 @@ between successive K (log cost ratio / log K ratio: secagg ~2, since each
 of K clients expands K masks; secagg+ ~1.1-1.2, K log K; he ~1). Also the
 mask expansion speed against the raw AES-256-CTR keystream of the same
 library, and the CPU model and its AES/vector flags.
+
+With --runs R, it also times whole runs of `python -m fedmpi` (R MPI ranks,
+1 = no mpiexec) on Fashion-MNIST (the FedAvg paper's 2NN, iid, B = 10,
+E = 1, --clients max(100, 2K)) for each mode and K: the median seconds per
+round of --run-rounds rounds (the first round, which compiles and warms up,
+left out), its ratio to none, the secure-aggregation CPU seconds of the
+clients and of rank 0 from the results file, and the growth exponents.
+    PYTHONPATH=. python benchmarks/bench_secagg.py --runs 3 --ks 10,50,200 --run-rounds 3
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model  # noqa: E402  benchmarks/common.py
+from common import cpu_model, find_mpiexec  # noqa: E402  benchmarks/common.py
 
 from fedmpi.privacy import secagg  # noqa: E402
 
@@ -135,6 +145,11 @@ def main(argv=None):
     ap.add_argument("--modes", default="none,secagg,secagg+,he")
     ap.add_argument("--dropout", type=float, default=0.0, help="fraction dropping after sharing keys")
     ap.add_argument("--rounds", type=int, default=1, help="rounds per (mode, K); the fastest counts")
+    ap.add_argument("--runs", type=int, default=0, metavar="R",
+                    help="also time whole fedmpi runs on R ranks (0 = protocol only)")
+    ap.add_argument("--run-rounds", type=int, default=3, help="rounds of each whole run (default 3)")
+    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST directory for the whole runs")
+    ap.add_argument("--no-protocol", action="store_true", help="skip the pure-protocol table")
     a = ap.parse_args(argv)
     ks = [int(k) for k in a.ks.split(",")]
     modes = a.modes.split(",")
@@ -143,6 +158,8 @@ def main(argv=None):
     g_prg, g_aes = prg_speed(p)
     print(f"P = {p:,} parameters (784,{a.hidden},10); mask expansion {g_prg:.2f} GB/s = "
           f"{g_prg / g_aes:.2f} x the bare AES-256-CTR keystream ({g_aes:.2f} GB/s)")
+    if a.no_protocol:
+        return whole_runs(ks, modes, a.runs, a.run_rounds, a.data_dir) if a.runs else None
     keys = None
     if "he" in modes:
         try:
@@ -185,6 +202,48 @@ def main(argv=None):
     for mode in modes:
         steps = [f"K {k1}->{k2}: {math.log(cost[mode, k2] / cost[mode, k1]) / math.log(k2 / k1):.2f}"
                  for k1, k2 in zip(ks[:-1], ks[1:]) if cost[mode, k1] > 0]
+        print(f"  {mode:8} " + ", ".join(steps))
+    if a.runs:
+        whole_runs(ks, modes, a.runs, a.run_rounds, a.data_dir)
+
+
+def whole_runs(ks, modes, ranks: int, rounds: int, data_dir: str | None) -> None:
+    import h5py
+    print(f"\nwhole runs: Fashion-MNIST 2NN, {ranks} rank(s), {rounds} rounds (median s/round "
+          "of rounds 2..; crypto s summed over the round's clients / on rank 0, per round)")
+    hdr = f"{'mode':8} {'K':>4} {'s/round':>9} {'x none':>8} {'client crypto s':>16} {'rank 0 crypto s':>16}"
+    print(hdr)
+    print("-" * len(hdr))
+    cost = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            for mode in modes:
+                out = os.path.join(tmp, f"{mode}-{k}.h5")
+                cmd = [sys.executable, "-m", "fedmpi", "--dataset", "fashion-mnist", "--partition", "iid",
+                       "--clients", str(max(100, 2 * k)), "--clients-per-round", str(k),
+                       "--rounds", str(rounds), "--local-epochs", "1", "--batch-size", "10",
+                       "--hidden", "200,200", "--lr", "0.05", "--secure-aggregation", mode,
+                       "--out", out]
+                if data_dir:
+                    cmd += ["--data-dir", data_dir]
+                if ranks > 1:
+                    cmd = [find_mpiexec("bench_secagg"), "-n", str(ranks), *cmd]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(f"{mode:8} {k:4d} failed: {p.stderr.strip().splitlines()[-1:]}")
+                    continue
+                with h5py.File(out, "r") as f:
+                    r = f["rounds"]
+                    sec = float(np.median(r["seconds"][1:] if rounds > 1 else r["seconds"][()]))
+                    crypto = [float(np.median(r[c][1:] if rounds > 1 else r[c][()])) if c in r else 0.0
+                              for c in ("secure_client_seconds", "secure_server_seconds")]
+                cost[mode, k] = sec
+                ratio = sec / cost["none", k] if ("none", k) in cost else float("nan")
+                print(f"{mode:8} {k:4d} {sec:9.3f} {ratio:8.2f} {crypto[0]:16.3f} {crypto[1]:16.3f}", flush=True)
+    print("growth exponent of s/round, d log(s) / d log(K):")
+    for mode in modes:
+        steps = [f"K {k1}->{k2}: {math.log(cost[mode, k2] / cost[mode, k1]) / math.log(k2 / k1):.2f}"
+                 for k1, k2 in zip(ks[:-1], ks[1:]) if (mode, k1) in cost and (mode, k2) in cost]
         print(f"  {mode:8} " + ", ".join(steps))
 
 
