@@ -128,6 +128,9 @@ MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
     "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
     "secure_seconds": ("s", "Seconds the client spent in secure-aggregation cryptography"),
+    "secure_bytes": (
+        "bytes", "Bytes the client sent plus received in the secure-aggregation protocol (all "
+        "phases; for he, its ciphertexts)"),
 }
 
 _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",

@@ -70,6 +70,7 @@ def test_secure_run_is_bitwise_the_plain_run(tmp_path, plain, mode, ranks):
         assert np.all(r["secure_bytes_advertise"][()] == 64 + k * 68)
         assert np.all(r["secure_bytes_masked"][()] > 8 * f["model/params"].size)
         assert np.all(f["clients/secure_seconds"][()] > 0)
+        assert np.all(f["clients/secure_bytes"][()] > 8 * f["model/params"].size)
 
 
 def test_secure_run_with_dropouts_is_bitwise_the_plain_run(tmp_path, plain):

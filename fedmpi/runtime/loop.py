@@ -375,7 +375,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 if root:  # in client-id order, whoever trained them
                     combined = algo.combine(stacked[np.argsort(np.concatenate(by_rank))])
             elif secure_sum is not None:  # the same int64 terms, each masked or encrypted
-                total, secure_metrics, secure_seconds = secure_sum(
+                total, secure_metrics, secure_columns = secure_sum(
                     rnd, sampled, clients, mine, _encoder(model, mine, clients, updates, weights, scales, stats),
                     _summer(shared, root, model.num_params), model.num_params)
                 if root:  # a skipped round (too few survivors to unmask) changes nothing
@@ -414,7 +414,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "num_samples": sizes[clients]}
                 cols.update({k: all_stats[:, j] for j, k in enumerate(stat_cols[:-1])})
                 if secure_sum is not None:
-                    cols["secure_seconds"] = secure_seconds
+                    cols.update(secure_columns)
                 n_round = int(cols["num_samples"].sum())
                 train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                               if n_round else float("nan"))

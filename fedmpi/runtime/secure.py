@@ -200,7 +200,8 @@ class SecureSum:
     Built once per run on every rank (for he this makes the key pair: collective).
     Called once per round by every rank; returns on rank 0 the sum of the
     reporting clients' encodings (None if the round was skipped), the round's
-    metrics and each reporting client's cryptography seconds.
+    metrics and, per reporting client, its cryptography seconds and the bytes it
+    sent and received.
     """
 
     def __init__(self, cfg, comm: MPI.Comm, workers: list[int]):
@@ -237,10 +238,14 @@ class SecureSum:
                        drop=secagg.dropout_phases(dropped, self.seed, rnd))
         if r is None:
             return None, None, None
+        pos = {c: i for i, c in enumerate(r.traffic.clients)}
+        moved = sum(r.traffic.up[p] + r.traffic.down[p] for p in secagg.PHASES)
         metrics = {"secure_skipped": int(r.total is None),
                    **{f"secure_bytes_{p}": _mean(r.traffic.up[p] + r.traffic.down[p]) for p in secagg.PHASES},
                    "secure_client_seconds": r.client_seconds, "secure_server_seconds": r.server_seconds}
-        return r.total, metrics, np.array([r.seconds.get(c, 0.0) for c in clients.tolist()])
+        return r.total, metrics, {
+            "secure_seconds": np.array([r.seconds.get(c, 0.0) for c in clients.tolist()]),
+            "secure_bytes": np.array([moved[pos[c]] for c in clients.tolist()], np.int64)}
 
     def _he(self, clients, mine, encode, n):
         public, secret = self.keys
@@ -252,7 +257,9 @@ class SecureSum:
                    "secure_bytes_decrypt": r.bytes_down,
                    "secure_client_seconds": sum(r.seconds.values()) + r.decrypt_seconds,
                    "secure_server_seconds": r.server_seconds}
-        return r.total, metrics, np.array([r.seconds.get(c, 0.0) for c in clients.tolist()])
+        return r.total, metrics, {
+            "secure_seconds": np.array([r.seconds.get(c, 0.0) for c in clients.tolist()]),
+            "secure_bytes": np.array([r.bytes_up.get(c, 0) for c in clients.tolist()], np.int64)}
 
 
 def _mean(a: np.ndarray) -> float:
