@@ -162,5 +162,5 @@ def _rows(path):
     try:
         with h5py.File(path, "r", locking=False) as f:
             return len(f["rounds/round"]) if "round" in f["rounds"] else 0
-    except (OSError, KeyError):
+    except (OSError, KeyError, RuntimeError):  # a file being written may not be readable yet
         return 0
