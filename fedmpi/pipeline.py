@@ -138,6 +138,14 @@ class Pipeline:
         """One line per stage for the run's log (rank 0)."""
         return [d for s in self.stages if (d := getattr(s, "description", ""))]
 
+    def summary(self, final_params: np.ndarray) -> dict:
+        """Results-file attributes measured on the final model (rank 0, after the last round)."""
+        out: dict = {}
+        for s in self.stages:
+            if hasattr(s, "summary"):
+                out.update(s.summary(final_params))
+        return out
+
     def attrs(self) -> dict:
         """Results-file attributes the stages record (rank 0)."""
         out: dict = {}
@@ -146,9 +154,12 @@ class Pipeline:
         return out
 
 
-def build(cfg, model) -> Pipeline:
-    """The pipeline a configuration asks for."""
+def build(cfg, model, initial_params: np.ndarray) -> Pipeline:
+    """The pipeline a configuration asks for (`initial_params`: the round-0 global model)."""
     stages: list[Stage] = []
+    if cfg.dp_canaries:
+        from fedmpi.privacy.canaries import Canaries
+        stages.append(Canaries(cfg, model, initial_params))
     if cfg.dp_clip is not None:
         from fedmpi.privacy.dp import GaussianDP
         stages.append(GaussianDP(cfg, model))

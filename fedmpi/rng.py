@@ -17,6 +17,8 @@ PURPOSES = {
     "dp-noise": 4,  # Gaussian noise added to a round's sum of clipped updates (rank 0)
     "dp-clip-count": 5,  # noise on the count of unclipped clients (adaptive clipping)
     "dropout": 6,  # which sampled clients fail to report in a round
+    "canary": 7,  # which canary clients take part in a round (empirical privacy)
+    "canary-direction": 8,  # a canary's random unit update
     # secure aggregation: codes 20-29 (kept apart from other features' codes)
     "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
     "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round

@@ -1,6 +1,7 @@
 """Pure pieces of the round: sampling, assignment, exact aggregation, config, algorithms."""
 
 import itertools
+from fractions import Fraction
 import math
 
 import numpy as np
@@ -79,6 +80,95 @@ def test_scale_is_a_power_of_two_with_headroom():
     for bad in (math.inf, math.nan):
         with pytest.raises(FloatingPointError):
             aggregate.scale_for(bad)
+
+
+def _fraction_sum(ups, w):
+    """The exact weighted sum in rationals: float32 values and float64 weights are dyadic."""
+    return [sum(Fraction(float(wi)) * Fraction(float(u[j])) for wi, u in zip(w, ups))
+            for j in range(len(ups[0]))]
+
+
+def _check_within_rounding(acc, scales, ups, w, idx):
+    """|acc_j - exact_j * scale_j| <= sum_k (1/2 + |w_k u_kj| scale_j 2^-52) for j in idx, exactly:
+    each term is rounded once in float64 (u * w * scale) and once to an integer."""
+    per = np.repeat(scales, aggregate.BLOCK)
+    exact = _fraction_sum(ups, w)
+    for j in idx:
+        err = abs(Fraction(int(acc[j])) - exact[j] * Fraction(float(per[j])))
+        tol = sum(0.5 + abs(float(wi) * float(u[j])) * per[j] * 2.0 ** -52 for wi, u in zip(w, ups))
+        assert err <= tol, (j, float(err), tol)
+
+
+def test_one_outlier_coarsens_only_its_own_block():
+    """One coordinate 1e12 times larger than the rest (a diverging or malicious client) sets
+    only its block's scale: every other block keeps full precision against an exact rational
+    reference, and the encoder counts the coordinates it could not carry with 16 bits."""
+    rng = np.random.default_rng(2)
+    n = 3 * aggregate.BLOCK + 17
+    ups = [rng.normal(size=n).astype(np.float32) * 1e-3 for _ in range(4)]
+    ups[2][5] = 1e9  # block 0
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    bounds = np.zeros(aggregate.num_blocks(n))
+    for u in ups:
+        aggregate.block_max_abs(u, bounds)
+    assert bounds[0] == 1e9 and bounds[1] < 1e-2
+    scales = aggregate.scales_for(bounds, w.sum())
+    acc = np.zeros(n, np.int64)
+    coarse = sum(aggregate.accumulate(acc, u, wi, scales) for u, wi in zip(ups, w))
+    # blocks 1..3: error within the rounding of 4 terms at their own (fine) resolution
+    _check_within_rounding(acc, scales, ups, w, range(aggregate.BLOCK, n))
+    assert np.all(1 / scales[1:] < 1e-2 * 2.0 ** -55)
+    # block 0 lost its small coordinates to the outlier's scale, and that is counted
+    assert coarse > 0 and coarse <= 4 * aggregate.BLOCK
+    assert aggregate.to_float(acc, scales)[5] == pytest.approx(float(_fraction_sum(ups, w)[5]),
+                                                               rel=1e-15)
+
+
+def test_weights_above_one_do_not_wrap_int64():
+    """A fixed DP denominator under Poisson sampling: 25 clients of K = 5 expected give weights
+    summing to 5; every term at the bound must still fit, with no int64 wrap-around."""
+    n, k = 2000, 25
+    ups = [np.full(n, 3.9, np.float32) for _ in range(k)]
+    ups[0][:] = -3.9
+    w = np.full(k, 1 / 5)
+    bounds = np.zeros(aggregate.num_blocks(n))
+    for u in ups:
+        aggregate.block_max_abs(u, bounds)
+    scales = aggregate.scales_for(bounds, w.sum())
+    acc = np.zeros(n, np.int64)
+    for u, wi in zip(ups, w):
+        aggregate.accumulate(acc, u, wi, scales)
+    assert np.all(np.abs(acc) < 2 ** 62)
+    exact = np.array([float(x) for x in _fraction_sum(ups, w)])
+    np.testing.assert_allclose(aggregate.to_float(acc, scales), exact, rtol=1e-15)
+    # a scale that assumed weights summing to 1 would wrap the same sum past int64
+    assert 3.9 * w.sum() * aggregate.scale_for(3.9, 1.0) > 2 ** 63
+
+
+def test_sums_split_over_ranks_and_nodes_equal_the_rational_sum():
+    """Each 'rank' sums its own clients, the partial int64 sums are added in any grouping (node
+    sums, then leaders): the result is the same integers, within rounding of the exact sum."""
+    rng = np.random.default_rng(4)
+    n = 1500
+    ups = [(rng.normal(size=n) * 10.0 ** rng.integers(-6, 2)).astype(np.float32) for _ in range(7)]
+    w = rng.random(7)
+    w /= w.sum()
+    bounds = np.zeros(aggregate.num_blocks(n))
+    for u in ups:
+        aggregate.block_max_abs(u, bounds)
+    scales = aggregate.scales_for(bounds, w.sum())
+    totals = []
+    for groups in ([[0, 1, 2, 3, 4, 5, 6]], [[0, 3], [1, 4, 6], [2, 5]], [[6], [5], [4, 3, 2, 1, 0]]):
+        partial = []
+        for g in groups:
+            acc = np.zeros(n, np.int64)
+            for i in g:
+                aggregate.accumulate(acc, ups[i], w[i], scales)
+            partial.append(acc)
+        totals.append(np.sum(partial[::-1], axis=0))
+    for t in totals[1:]:
+        np.testing.assert_array_equal(t, totals[0])
+    _check_within_rounding(totals[0], scales, ups, w, range(n))
 
 
 # ---- config -----------------------------------------------------------------

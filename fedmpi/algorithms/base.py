@@ -17,6 +17,7 @@ from fedmpi.algorithms import robust
 from fedmpi.algorithms.server_opt import ServerOptimizer
 from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
+from fedmpi.errors import UserError
 from fedmpi.model import kernels
 from fedmpi.model.mlp import MLP
 
@@ -80,7 +81,15 @@ class FedAvg:
 
     def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
         for name, a in self.server_opt.state.items():
-            a[...] = arrays[name]
+            got = arrays.get(name)
+            if got is None or got.shape != a.shape or got.dtype != a.dtype:
+                # Never broadcast or cast a checkpoint into the state (files are untrusted).
+                raise UserError(
+                    f"the checkpoint's {name} is "
+                    + ("missing" if got is None else f"{got.dtype} of shape {got.shape}")
+                    + f", but server optimizer {self.server_opt.kind} needs {a.dtype} of shape "
+                    f"{a.shape}: the file is damaged or from another configuration")
+            a[...] = got
 
     def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
         """New global params (float32) from the float64 weighted mean update."""

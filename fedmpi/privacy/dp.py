@@ -24,6 +24,7 @@ what the accountant composes. S is server state: checkpointed and resumed.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -95,6 +96,9 @@ class GaussianDP(Stage):
     fixed_denominator = True
 
     def __init__(self, cfg, model):
+        if importlib.util.find_spec("dp_accounting") is None:  # every rank raises alike
+            raise UserError("differential privacy needs Google's dp-accounting package for its "
+                            "accountant: pip install 'fedmpi[dp]' (or pip install dp-accounting)")
         self.z = float(cfg.dp_noise_multiplier)
         self.delta = cfg.dp_delta
         self.expected = cfg.clients_per_round
@@ -108,8 +112,8 @@ class GaussianDP(Stage):
         try:
             self.z_update = update_noise_multiplier(self.z, self.count_stddev)
         except ValueError as e:
-            raise UserError(f"{e}: lower --dp-clip-count-stddev or raise the noise "
-                            "multiplier") from None
+            raise UserError(f"{e}: adaptive clipping needs --dp-clip-count-stddev above "
+                            f"half the noise multiplier ({self.z / 2:g})") from None
         self.accountant_kind = resolve_accountant(cfg.dp_accountant, cfg.sampling)
         self._cfg = cfg
         self._accountant = None  # built on first use: only rank 0 accounts
@@ -167,6 +171,7 @@ class GaussianDP(Stage):
             fraction = below / self.expected + 0.5
             self._clip[0] = bound * math.exp(-self.clip_lr * (fraction - self.quantile))
         n = clipped.shape[0]
+        self.accountant.prefetch(ctx.rnd, self._cfg.rounds)  # once; later rounds come ready
         ctx.metrics.update({
             "epsilon": self.accountant.epsilon(ctx.rnd),
             "dp_clip_norm": bound,
