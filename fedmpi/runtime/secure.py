@@ -35,7 +35,12 @@ from fedmpi.runtime import comm as C
 def _route(comm: MPI.Comm, hosted: list[list[int]] | None, msgs: dict, step) -> dict:
     """Gather every rank's messages to rank 0, apply the server's `step`, and
     scatter its answers to the ranks hosting their addressees. Raises Abort
-    on every rank if the step aborted."""
+    on every rank if the step aborted.
+
+    The pickled gather and scatter would spin while other ranks are busy
+    (clients computing, rank 0 serving); sleep-waiting barriers in front of
+    them give those cores back on oversubscribed nodes."""
+    C.barrier(comm)  # every rank's clients are done with this phase
     gathered = comm.gather(msgs, root=0)
     replies = None
     if comm.rank == 0:
@@ -47,6 +52,7 @@ def _route(comm: MPI.Comm, hosted: list[list[int]] | None, msgs: dict, step) -> 
             replies = [("ok", {u: out[u] for u in ids if u in out}) for ids in hosted]
         except Abort as e:
             replies = [("abort", str(e))] * comm.size
+    C.barrier(comm)  # rank 0 has served
     status, payload = comm.scatter(replies, root=0)
     if status == "abort":
         raise Abort(payload)
@@ -158,6 +164,7 @@ def he_sum(comm: MPI.Comm, hosted: list[int], encode: Callable[[int], np.ndarray
         sizes[u] = sum(map(len, cts))
         local.add(cts)
     part = (local.ciphertexts(), local.count) if local.count else None
+    C.barrier(comm)  # sleep, not spin, while other ranks encrypt
     gathered = comm.gather((part, seconds, sizes), root=0)
     summed = None
     server_seconds = 0.0
@@ -169,6 +176,7 @@ def he_sum(comm: MPI.Comm, hosted: list[int], encode: Callable[[int], np.ndarray
                 acc.add(*p)
         summed = acc.ciphertexts()
         server_seconds = time.perf_counter() - t0
+    C.barrier(comm)  # the key holder sleeps while rank 0 adds
     total = np.zeros(n, np.int64)
     decrypt_seconds = 0.0
     if holder == 0:
