@@ -44,7 +44,8 @@ def _tenseal():
     try:
         import tenseal
     except ImportError:
-        raise UserError(f"--secure-aggregation he needs TenSEAL, which is not installed: {INSTALL_HINT}") from None
+        raise UserError("--secure-aggregation he needs TenSEAL, which is not installed: "
+                        + INSTALL_HINT) from None
     return tenseal
 
 
@@ -98,8 +99,8 @@ class Context:
         """The int64 sum of everything added into these ciphertexts (needs the secret key)."""
         if not self.ctx.has_secret_key():
             raise ValueError("decryption needs the secret context")
-        limb_sums = np.concatenate([np.asarray(self._ts.bfv_vector_from(self.ctx, c).decrypt(), dtype=np.int64)
-                                    for c in ciphertexts])
+        limb_sums = np.concatenate([
+            np.asarray(self._ts.bfv_vector_from(self.ctx, c).decrypt(), dtype=np.int64) for c in ciphertexts])
         return _unlimb(limb_sums, n)
 
 

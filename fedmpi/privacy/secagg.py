@@ -175,7 +175,8 @@ def plan(mode: str, clients_per_round: int, threshold: int | None = None,
         from fedmpi.privacy import he  # TenSEAL is optional: only this mode needs it
         he.check_available()
         if clients_per_round > he.MAX_CLIENTS:
-            raise UserError(f"--secure-aggregation he sums at most {he.MAX_CLIENTS} clients per round exactly")
+            raise UserError(f"--secure-aggregation he sums at most {he.MAX_CLIENTS} clients per round "
+                            "exactly: lower --clients-per-round")
     if mode in ("none", "he"):
         if threshold is not None:
             raise UserError(f"--secagg-threshold applies to secagg and secagg+, not to {mode}")

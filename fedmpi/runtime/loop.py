@@ -375,9 +375,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 if root:  # in client-id order, whoever trained them
                     combined = algo.combine(stacked[np.argsort(np.concatenate(by_rank))])
             elif secure_sum is not None:  # the same int64 terms, each masked or encrypted
+                encode = _encoder(model, mine, clients, updates, weights, scales, stats)
                 total, secure_metrics, secure_columns = secure_sum(
-                    rnd, sampled, clients, mine, _encoder(model, mine, clients, updates, weights, scales, stats),
-                    _summer(shared, root, model.num_params), model.num_params)
+                    rnd, sampled, clients, mine, encode, _summer(shared, root, model.num_params),
+                    model.num_params)
                 if root:  # a skipped round (too few survivors to unmask) changes nothing
                     combined = aggregate.to_float(total if total is not None else
                                                   np.zeros(model.num_params, np.int64), scales)
