@@ -35,12 +35,13 @@ from collections.abc import Iterable
 import numpy as np
 
 from fedmpi import reading
+from fedmpi.config import EXECUTION_KEYS
 from fedmpi.errors import UserError
 from fedmpi.layout import CLIENT_FIELDS, ROUND_FIELDS, layers_from_flat
 
 # Config keys that say how a run was executed, not what it computed, so they
 # never count as a difference between runs (every run has its own `out`).
-IGNORED_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
+IGNORED_KEYS = EXECUTION_KEYS
 
 # Per-run summary columns, in output order (see Run.summary).
 SUMMARY_COLUMNS = ("rounds_done", "final_accuracy", "best_accuracy",

@@ -24,8 +24,8 @@ ROUND_FIELDS: dict[str, tuple[str, str]] = {
     ),
     "test_loss": (
         "nats",
-        "Mean cross-entropy of the global model on the test set after this "
-        "round; NaN in rounds without evaluation",
+        "Mean loss (the run's --loss) of the global model on the test set "
+        "after this round; NaN in rounds without evaluation",
     ),
     "train_loss": (
         "nats",
@@ -50,6 +50,61 @@ CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "num_samples": ("samples", "Training samples held by the client"),
     "train_loss": ("nats", "Client's mean training loss in this round"),
     "seconds": ("s", "Wall-clock time of the client's local training"),
+}
+
+# Columns that only some runs have (written by the runtime and update-pipeline
+# stages); described the same way when they are created.
+MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
+    "num_sampled": (
+        "clients", "Clients sampled this round; num_clients of them reported (the others "
+        "dropped out, --dropout-rate)"),
+    "fixed_point_coarse": (
+        "coordinates", "Nonzero update coordinates that the exact fixed-point sum carried with "
+        "fewer than 16 significant bits (their block's bound was set by a much larger value); "
+        "0 in healthy runs"),
+    # differential privacy (--dp-clip)
+    "epsilon": (
+        "1", "Privacy budget spent after this round at the run's dp_delta (user-level; "
+        "accountant in the dp_accountant attribute); inf without noise"),
+    "dp_clip_norm": ("1", "L2 clip norm S the clients used in this round"),
+    "dp_clipped_fraction": (
+        "1", "Fraction of this round's clients whose update was clipped (a diagnostic, "
+        "not privatised)"),
+    "dp_median_norm": (
+        "1", "Median L2 norm of this round's client updates before clipping (a "
+        "diagnostic, not privatised)"),
+    "dp_noise_std": (
+        "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
+        "update (z_update * S / K)"),
+    # secure aggregation (--secure-aggregation)
+    "secure_skipped": (
+        "1", "1 if the round was skipped because too few clients survived to unmask the sum "
+        "(fewer than --secagg-threshold share holders); the model did not change"),
+    **{f"secure_bytes_{phase}": (
+        "bytes", f"Bytes a sampled client sent plus received in the {what}, mean over the "
+        "round's sampled clients") for phase, what in (
+        ("advertise", "key-advertisement phase (two X25519 public keys out, its peers' in)"),
+        ("share", "share-keys phase (AES-GCM-encrypted Shamir shares out and in)"),
+        ("masked", "masked-input phase (the masked update out, the survivor list in)"),
+        ("unmask", "unmasking phase (revealed shares out)"),
+        ("ciphertext", "he upload (the BFV ciphertexts of its update)"))},
+    "secure_bytes_decrypt": (
+        "bytes", "Bytes of the summed BFV ciphertexts rank 0 sends to the key-holding client "
+        "to decrypt (--secure-aggregation he)"),
+    "secure_client_seconds": (
+        "s", "Seconds all clients of the round spent in secure-aggregation cryptography, summed"),
+    "secure_server_seconds": (
+        "s", "Seconds rank 0 spent in secure-aggregation cryptography (routing, unmasking, "
+        "adding ciphertexts)"),
+}
+
+MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
+    "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
+    "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
+    "secure_seconds": ("s", "Seconds the client spent in secure-aggregation cryptography"),
+    "secure_bytes": (
+        "bytes", "Bytes the client sent plus received in the secure-aggregation protocol (all "
+        "phases; for he, its ciphertexts)"),
 }
 
 FLAT_LAYOUT = (

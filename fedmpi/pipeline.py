@@ -76,6 +76,24 @@ class Stage:
         pass
 
 
+def restore(target: np.ndarray, arrays: dict[str, np.ndarray], name: str, owner: str) -> None:
+    """target[...] = arrays[name] from a checkpoint, refusing a missing or mismatched array.
+
+    Checkpoint files are untrusted: a wrong shape must not broadcast into the
+    state and a wrong dtype must not be cast silently.
+    """
+    from fedmpi.errors import UserError
+
+    got = arrays.get(name)
+    if got is None or got.shape != target.shape or got.dtype != target.dtype:
+        raise UserError(
+            f"the checkpoint's {name} is "
+            + ("missing" if got is None else f"{got.dtype} of shape {got.shape}")
+            + f", but {owner} needs {target.dtype} of shape {target.shape}: the file is "
+            "damaged or from another configuration")
+    target[...] = got
+
+
 class Pipeline:
     """The chain of stages, in order; the only thing the round loop talks to."""
 

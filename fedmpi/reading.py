@@ -408,11 +408,16 @@ def _checkpoint(rf: ResultsFile) -> Checkpoint | None:
     size = num_params(layer_sizes)
     arrays = {}
     for name in rf.names(slot):
-        want = np.float32 if name == "params" else np.float64
-        ds = rf.dataset(slot, name, ndim=1, kinds="f")
-        if ds.dtype != want or ds.shape != (size,):
-            rf.bad(f"checkpoint array {name} has shape {ds.shape} and dtype {ds.dtype}, "
-                   f"expected ({size},) {np.dtype(want)}")
+        if name == "params":
+            ds = rf.dataset(slot, name, ndim=1, kinds="f")
+            if ds.dtype != np.float32 or ds.shape != (size,):
+                rf.bad(f"checkpoint array params has shape {ds.shape} and dtype {ds.dtype}, "
+                       f"expected ({size},) float32")
+        else:
+            # server state of the algorithm and the update pipeline's stages: each owner
+            # checks shape and dtype as it loads its arrays; dataset() bounds what is read
+            ndim = getattr(rf._member(slot, name), "ndim", 1)
+            ds = rf.dataset(slot, name, ndim=ndim if ndim in (1, 2) else 1, kinds="iuf")
         arrays[name] = ds[()]
     if "params" not in arrays:
         rf.bad(f"/checkpoint/slot{current} has no params")

@@ -8,6 +8,10 @@ Used by rank 0 only (no MPI here). One file per run, laid out as::
     /clients/<field>      1-D, one row per (round, client) (CLIENT_FIELDS)
     /partition/num_samples, /partition/label_histogram
     /model/<name>         flat float32 parameter vectors; attrs layer_sizes
+    /segments/<i>         one group per run segment (the first run, then each
+                          resume): attrs first_round, config, mpi_size,
+                          command, ranks, started; the root attrs config,
+                          mpi_size, command and ranks are the last segment's
 
 Crash safety: the file stays open for the whole run and is flushed after
 every round, so a job killed at any moment (SIGKILL, wall-time limit) leaves a
@@ -24,6 +28,7 @@ import fcntl
 import json
 import numbers
 import os
+import stat
 import tempfile
 from datetime import datetime, timezone
 
@@ -33,72 +38,44 @@ import numpy as np
 import fedmpi
 from fedmpi.analysis import load, load_many
 from fedmpi.errors import UserError
-from fedmpi.layout import (CLIENT_FIELDS, FLAT_LAYOUT, LAYOUT_VERSION, OPEN_WRITERS,
-                           ROUND_FIELDS, WRITER_LOCKING, layers_from_flat, num_params)
+from fedmpi.layout import (CLIENT_FIELDS, FLAT_LAYOUT, LAYOUT_VERSION, MORE_CLIENT_FIELDS,
+                           MORE_ROUND_FIELDS, OPEN_WRITERS, ROUND_FIELDS, WRITER_LOCKING,
+                           layers_from_flat, num_params)
 from fedmpi.reading import read_checkpoint, read_checkpoint_full, read_run
-
-# Columns that only some runs have (written by the runtime and update-pipeline
-# stages); described the same way when they are created.
-MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
-    "num_sampled": (
-        "clients", "Clients sampled this round; num_clients of them reported (the others "
-        "dropped out, --dropout-rate)"),
-    "fixed_point_coarse": (
-        "coordinates", "Nonzero update coordinates that the exact fixed-point sum carried with "
-        "fewer than 16 significant bits (their block's bound was set by a much larger value); "
-        "0 in healthy runs"),
-    # differential privacy (--dp-clip)
-    "epsilon": (
-        "1", "Privacy budget spent after this round at the run's dp_delta (user-level; "
-        "accountant in the dp_accountant attribute); inf without noise"),
-    "dp_clip_norm": ("1", "L2 clip norm S the clients used in this round"),
-    "dp_clipped_fraction": (
-        "1", "Fraction of this round's clients whose update was clipped (a diagnostic, "
-        "not privatised)"),
-    "dp_median_norm": (
-        "1", "Median L2 norm of this round's client updates before clipping (a "
-        "diagnostic, not privatised)"),
-    "dp_noise_std": (
-        "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
-        "update (z_update * S / K)"),
-    # secure aggregation (--secure-aggregation)
-    "secure_skipped": (
-        "1", "1 if the round was skipped because too few clients survived to unmask the sum "
-        "(fewer than --secagg-threshold share holders); the model did not change"),
-    **{f"secure_bytes_{phase}": (
-        "bytes", f"Bytes a sampled client sent plus received in the {what}, mean over the "
-        "round's sampled clients") for phase, what in (
-        ("advertise", "key-advertisement phase (two X25519 public keys out, its peers' in)"),
-        ("share", "share-keys phase (AES-GCM-encrypted Shamir shares out and in)"),
-        ("masked", "masked-input phase (the masked update out, the survivor list in)"),
-        ("unmask", "unmasking phase (revealed shares out)"),
-        ("ciphertext", "he upload (the BFV ciphertexts of its update)"))},
-    "secure_bytes_decrypt": (
-        "bytes", "Bytes of the summed BFV ciphertexts rank 0 sends to the key-holding client "
-        "to decrypt (--secure-aggregation he)"),
-    "secure_client_seconds": (
-        "s", "Seconds all clients of the round spent in secure-aggregation cryptography, summed"),
-    "secure_server_seconds": (
-        "s", "Seconds rank 0 spent in secure-aggregation cryptography (routing, unmasking, "
-        "adding ciphertexts)"),
-}
-
-MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
-    "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
-    "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
-    "secure_seconds": ("s", "Seconds the client spent in secure-aggregation cryptography"),
-    "secure_bytes": (
-        "bytes", "Bytes the client sent plus received in the secure-aggregation protocol (all "
-        "phases; for he, its ciphertexts)"),
-}
 
 _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
                         "layout_version")
+# Root attrs that describe the segment of the run that wrote them: a resumed
+# run replaces them (and keeps every segment's under /segments).
+_SEGMENT_ATTRS = ("config", "mpi_size", "command", "ranks", "data_fingerprint")
+
+# Units of the loss columns by the run's --loss: cross-entropy is in nats, a
+# squared error of one-hot targets has no unit.
+LOSS_UNITS = {"cross_entropy": "nats", "mse": "1"}
+_LOSS_COLUMNS = ("test_loss", "train_loss")
 
 # Chunk lengths (rows). Small enough that a short run doesn't waste space,
 # large enough that a long run doesn't pay per-chunk overhead per row.
 _ROUND_CHUNK = 256
 _CLIENT_CHUNK = 4096
+
+
+def require_regular_file(path: str, what: str = "results file") -> None:
+    """Raise UserError if path exists but is not a regular file (or a link to one).
+
+    A FIFO or a device would make every later open block or misbehave
+    (opening a FIFO for reading waits for a writer forever).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there (or a dangling link, or a parent that is a file): later checks say
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {path} is a directory: give a file name to --out")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {path} is not a regular file (a FIFO, socket or device): "
+                        "give the path of an HDF5 file")
+
 
 def _probe_lock(path: str) -> None:
     """Raise UserError if another open handle holds an HDF5 lock on path.
@@ -108,11 +85,17 @@ def _probe_lock(path: str) -> None:
     that job's results and only then fail. HDF5 locks with flock(), so an
     exclusive non-blocking flock here sees both writers and locking readers.
     """
+    require_regular_file(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: should the path become a FIFO after the check above,
+        # the open still returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return  # unreadable: the later open reports it
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"results file {path} is not a regular file: give the path of "
+                            "an HDF5 file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
@@ -126,6 +109,27 @@ def _probe_lock(path: str) -> None:
         os.close(fd)  # also releases our probe lock
 
 
+def _hold_lock_if_hdf5_does_not(path: str) -> int | None:
+    """An fd holding an exclusive flock on path, if HDF5 holds none; else None.
+
+    HDF5_USE_FILE_LOCKING=FALSE in the writer's environment (some sites set it
+    for every job on file systems without flock) overrides h5py's `locking`
+    and the writer then holds no lock: another run's --overwrite could not
+    see it and would delete a live file. So the writer takes a lock of its
+    own where HDF5 did not; where flock is unsupported, nobody can lock.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)  # held by HDF5 (the usual case), or flock unsupported
+        return None
+    return fd
+
+
 def check_output_path(path: str, overwrite: bool) -> None:
     """Check early (before any work) that a results file can go to path.
 
@@ -133,9 +137,7 @@ def check_output_path(path: str, overwrite: bool) -> None:
     open in another process, or its parent directory can't be created or
     written. Creates missing parent directories; leaves no file behind.
     """
-    if os.path.isdir(path):
-        raise UserError(
-            f"results file {path} is a directory: give a file name to --out")
+    require_regular_file(path)
     if os.path.lexists(path):
         if not overwrite:
             raise UserError(
@@ -232,10 +234,12 @@ class ResultsWriter:
         self.path = path
         self._realpath = os.path.realpath(path)
         OPEN_WRITERS.add(self._realpath)
+        self._own_lock = _hold_lock_if_hdf5_does_not(path)
         self._num_rounds = 0
         self._num_client_rows = 0
         self._round_keys: tuple[str, ...] | None = None
         self._client_keys: tuple[str, ...] | None = None
+        self._loss_units = LOSS_UNITS.get(config.get("loss", "cross_entropy"), "")
 
         f = self._file
         f.attrs["config"] = config_json
@@ -245,6 +249,7 @@ class ResultsWriter:
         f.attrs["layout_version"] = LAYOUT_VERSION
         for key, value in attrs.items():
             f.attrs[key] = value
+        self._record_segment(1)
 
         part = f.create_group("partition")
         part.attrs["description"] = (
@@ -311,6 +316,7 @@ class ResultsWriter:
 
         if self._round_keys is None:
             self._create_columns(group, values, ROUND_FIELDS, _ROUND_CHUNK)
+            self._set_loss_units(group)
             self._round_keys = keys
         n = self._num_rounds
         for name, value in values.items():
@@ -355,6 +361,7 @@ class ResultsWriter:
 
         if self._client_keys is None:
             self._create_columns(group, arrays, CLIENT_FIELDS, _CLIENT_CHUNK)
+            self._set_loss_units(group)
             self._client_keys = keys
         n = self._num_client_rows
         for name, a in arrays.items():
@@ -362,6 +369,11 @@ class ResultsWriter:
             ds.resize((n + m,))
             ds[n:n + m] = a
         self._num_client_rows = n + m
+
+    def _set_loss_units(self, group) -> None:
+        for name in _LOSS_COLUMNS:
+            if name in group:
+                group[name].attrs["units"] = self._loss_units
 
     @staticmethod
     def _create_columns(group, values: dict, fields: dict,
@@ -439,18 +451,50 @@ class ResultsWriter:
         group.attrs["round"] = int(round_)
         self._file.flush()
 
+    def _record_segment(self, first_round: int) -> None:
+        """Keep the root's segment attrs (this run's) under /segments/<i>.
+
+        Segments that started after `first_round` are dropped: their rounds
+        were cut off and are about to be re-run by this segment.
+        """
+        f = self._file
+        group = f.require_group("segments")
+        group.attrs["description"] = (
+            "One group per run segment: the first run, then each resume; attrs say "
+            "from which round on it ran and how (config JSON, mpi_size, command)")
+        for name in list(group):
+            if int(group[name].attrs["first_round"]) >= first_round:
+                del group[name]
+        seg = group.create_group(str(len(group)))
+        seg.attrs["first_round"] = int(first_round)
+        seg.attrs["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        seg.attrs["fedmpi_version"] = fedmpi.__version__
+        for key in _SEGMENT_ATTRS:
+            if key in f.attrs:
+                seg.attrs[key] = f.attrs[key]
+
     @classmethod
-    def reopen(cls, path: str) -> tuple["ResultsWriter", int, dict[str, np.ndarray]]:
+    def reopen(cls, path: str, *, config: dict | None = None, attrs: dict | None = None,
+               data_fingerprint: dict | None = None,
+               ) -> tuple["ResultsWriter", int, dict[str, np.ndarray]]:
         """Open a run's file to continue it from its last checkpoint.
 
         Rows written after that checkpoint (rounds that will be re-run) are
-        cut off. Returns (writer, checkpoint round, checkpoint arrays). The
-        checkpoint is checked first (fedmpi.reading.read_checkpoint_full), so
-        a damaged file is refused with a UserError before anything changes.
+        cut off. The checkpoint is checked first (fedmpi.reading.read_checkpoint_full),
+        so a damaged file is refused with a UserError before anything changes.
+        `config` and `attrs` (mpi_size, command, ...) describe the resumed
+        segment: they replace the root's and are kept under /segments, so
+        readers see the run as it now is (e.g. more rounds). A
+        `data_fingerprint` (fedmpi.data.fingerprint) must equal the one
+        stored, if any: a resume on other data or another partition would
+        silently mix two runs. Returns (writer, checkpoint round, arrays).
         """
+        require_regular_file(path)
         ckpt = read_checkpoint_full(path)
         if ckpt is None:
             raise UserError(f"{path} has no checkpoint to resume from: start the run afresh")
+        if data_fingerprint is not None:
+            _check_fingerprint(path, data_fingerprint)
         _probe_lock(path)
         self = cls.__new__(cls)
         try:
@@ -460,11 +504,24 @@ class ResultsWriter:
         self.path = path
         self._realpath = os.path.realpath(path)
         OPEN_WRITERS.add(self._realpath)
+        self._own_lock = _hold_lock_if_hdf5_does_not(path)
         f = self._file
         self._layer_sizes = ckpt.layer_sizes
         self._num_rounds = ckpt.rounds_rows
         self._num_client_rows = ckpt.clients_rows
+        run_config = config if config is not None else ckpt.config
+        self._loss_units = LOSS_UNITS.get(run_config.get("loss", "cross_entropy"), "")
         try:
+            if config is not None:
+                f.attrs["config"] = json.dumps(config, sort_keys=True)
+            for key, value in (attrs or {}).items():
+                if key in _RESERVED_ROOT_ATTRS:
+                    raise ValueError(f"root attribute {key!r} is reserved")
+                f.attrs[key] = value
+            if config is not None or attrs:
+                if "segments" not in f:  # a file from before segments: the first one is unknown
+                    f.create_group("segments")
+                self._record_segment(ckpt.round + 1)
             for group, n in ((f["rounds"], self._num_rounds),
                              (f["clients"], self._num_client_rows)):
                 for ds in group.values():
@@ -504,12 +561,38 @@ class ResultsWriter:
         finally:
             self._file = None
             OPEN_WRITERS.discard(self._realpath)
+            if self._own_lock is not None:
+                os.close(self._own_lock)
+                self._own_lock = None
 
     def __enter__(self) -> "ResultsWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_fingerprint(path: str, now: dict) -> None:
+    """UserError naming what differs between the data fingerprint in path and `now`."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            stored = f.attrs.get("data_fingerprint")
+            if isinstance(stored, bytes):
+                stored = stored.decode()
+            stored = None if stored is None else json.loads(str(stored))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UserError(f"cannot read the data fingerprint of {path}") from None
+    if stored is None:
+        return  # written before fingerprints: nothing to compare with
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: its data_fingerprint attribute is not a JSON object")
+    changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    if changed:
+        raise UserError(
+            f"cannot resume {path}: the " + ", ".join(
+                f"{k} (file {stored.get(k)}, now {now.get(k)})" for k in changed)
+            + " changed since the run started, so the resumed rounds would not continue it; "
+            "resume with the run's own data and NumPy, or start a new run")
 
 
 # -- reading: fedmpi.reading and fedmpi.analysis; names kept here for old imports --

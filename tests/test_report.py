@@ -325,11 +325,22 @@ def test_summary_via_python_m_and_console_script_config(runs):
     res = cli("summary", runs[("iid", 0)], runs[("iid", 1)], "--csv")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0].startswith("path,seed,rounds_done,")
+    # every console script declared in setup.cfg resolves to a function that runs
+    # (a typo in the module or function name would only show after installing)
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(REPO, "setup.cfg"))
-    scripts = cfg["options.entry_points"]["console_scripts"]
-    assert "fedmpi-report = fedmpi.report:main" in scripts
-    assert "matplotlib" in cfg["options.extras_require"]["plot"]
+    declared = {}
+    for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines():
+        name, target = (part.strip() for part in line.split("="))
+        declared[name] = target
+    assert {"fedmpi-report", "fedmpi-sweep"} <= set(declared)
+    for name, target in declared.items():
+        module, func = target.split(":")
+        res = subprocess.run([sys.executable, "-c", f"import sys; from {module} import {func}; "
+                              f"sys.argv[0] = {name!r}; sys.exit({func}(['--help']))"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": REPO})
+        assert res.returncode == 0 and res.stdout.startswith("usage: "), (name, res.stderr)
 
 
 # -- errors --------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import threading
 
-ACCOUNTANTS = ("auto", "rdp", "pld")
 PLD_DISCRETISATION = 1e-3
 
 
