@@ -33,6 +33,7 @@ OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("auto", "rdp", "pld")
+SECURE_AGGREGATIONS = ("none", "secagg", "secagg+", "he")
 INITS = ("glorot_uniform", "he_uniform")
 
 
@@ -133,6 +134,16 @@ class Config:
         "one-shot empirical privacy estimate (Andrew et al. 2024): insert this many canary "
         "clients (random unit updates at the clip norm) and as many held-out directions; the "
         "run reports an empirical epsilon beside the accountant's (0 = off)"))
+    # secure aggregation (fedmpi/privacy/secagg.py, he.py; README "Secure aggregation")
+    secure_aggregation: str = field(default="none", metadata=_opt(
+        "what rank 0 sees of the updates: none (each update), secagg (only their sum: "
+        "Bonawitz et al. 2017, every client paired with every other), secagg+ (only their "
+        "sum: Bell et al. 2020, each client paired with 2*log2(K) neighbours) or he (only "
+        "their sum, BFV-encrypted; pip install 'fedmpi[he]')", SECURE_AGGREGATIONS))
+    secagg_threshold: int | None = field(default=None, metadata=_opt(
+        "share holders needed to unmask (Shamir t): of the K sampled clients for secagg, of "
+        "a client and its neighbours for secagg+; default ceil(2/3) of them; a round with "
+        "fewer survivors is skipped"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -315,6 +326,9 @@ def validate(cfg: Config) -> Config:
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
+    if cfg.secure_aggregation != "none" or cfg.secagg_threshold is not None:
+        from fedmpi.privacy import secagg  # refuses bad thresholds, robust aggregators, he without TenSEAL
+        secagg.plan(cfg.secure_aggregation, cfg.clients_per_round, cfg.secagg_threshold, cfg.aggregator)
     if cfg.algorithm == "fedsgd":
         need(cfg.optimizer == "sgd" and cfg.momentum == 0 and cfg.weight_decay == 0,
              "--algorithm fedsgd sends one plain gradient per client: use --optimizer sgd "

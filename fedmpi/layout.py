@@ -76,11 +76,35 @@ MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
     "dp_noise_std": (
         "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
         "update (z_update * S / K)"),
+    # secure aggregation (--secure-aggregation)
+    "secure_skipped": (
+        "1", "1 if the round was skipped because too few clients survived to unmask the sum "
+        "(fewer than --secagg-threshold share holders); the model did not change"),
+    **{f"secure_bytes_{phase}": (
+        "bytes", f"Bytes a sampled client sent plus received in the {what}, mean over the "
+        "round's sampled clients") for phase, what in (
+        ("advertise", "key-advertisement phase (two X25519 public keys out, its peers' in)"),
+        ("share", "share-keys phase (AES-GCM-encrypted Shamir shares out and in)"),
+        ("masked", "masked-input phase (the masked update out, the survivor list in)"),
+        ("unmask", "unmasking phase (revealed shares out)"),
+        ("ciphertext", "he upload (the BFV ciphertexts of its update)"))},
+    "secure_bytes_decrypt": (
+        "bytes", "Bytes of the summed BFV ciphertexts rank 0 sends to the key-holding client "
+        "to decrypt (--secure-aggregation he)"),
+    "secure_client_seconds": (
+        "s", "Seconds all clients of the round spent in secure-aggregation cryptography, summed"),
+    "secure_server_seconds": (
+        "s", "Seconds rank 0 spent in secure-aggregation cryptography (routing, unmasking, "
+        "adding ciphertexts)"),
 }
 
 MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
     "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
+    "secure_seconds": ("s", "Seconds the client spent in secure-aggregation cryptography"),
+    "secure_bytes": (
+        "bytes", "Bytes the client sent plus received in the secure-aggregation protocol (all "
+        "phases; for he, its ciphertexts)"),
 }
 
 FLAT_LAYOUT = (

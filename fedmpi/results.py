@@ -41,6 +41,9 @@ from fedmpi.errors import UserError
 from fedmpi.layout import (CLIENT_FIELDS, FLAT_LAYOUT, LAYOUT_VERSION, MORE_CLIENT_FIELDS,
                            MORE_ROUND_FIELDS, OPEN_WRITERS, ROUND_FIELDS, WRITER_LOCKING,
                            layers_from_flat, num_params)
+# the names this module's writer used before layout.py existed
+_FLAT_LAYOUT, _OPEN_WRITERS, _WRITER_LOCKING, _num_params = (
+    FLAT_LAYOUT, OPEN_WRITERS, WRITER_LOCKING, num_params)
 from fedmpi.reading import read_checkpoint, read_checkpoint_full, read_run
 
 _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",

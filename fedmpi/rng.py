@@ -23,6 +23,10 @@ PURPOSES = {
     "dropout": 6,  # which sampled clients fail to report in a round
     "canary": 7,  # which canary clients take part in a round (empirical privacy)
     "canary-direction": 8,  # a canary's random unit update
+    # secure aggregation: codes 20-29 (kept apart from other features' codes)
+    "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
+    "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round
+    "secagg-dropout": 22,  # the protocol phase in which a failing client stops
 }
 
 

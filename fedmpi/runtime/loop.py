@@ -44,7 +44,7 @@ from fedmpi.model.mlp import MLP
 from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
-from fedmpi.runtime import signals, timings
+from fedmpi.runtime import secure, signals, timings
 
 if TYPE_CHECKING:
     from fedmpi.client import LocalTrainer
@@ -183,6 +183,33 @@ def _trainer(cfg: Config, model: MLP, data: Dataset) -> LocalTrainer:
     return LocalTrainer(cfg, model, data)
 
 
+def _encoder(model: MLP, mine: np.ndarray, clients: np.ndarray, updates: np.ndarray,
+             weights: np.ndarray, scales: np.ndarray, stats: np.ndarray):
+    """encode(c) -> client c's term of the exact sum, alone: round(w_c u_c scale) as int64.
+
+    The plain path adds the very same integers into one accumulator, so a
+    securely summed round equals it bit for bit. Notes the coarse count.
+    """
+    index = {c: i for i, c in enumerate(mine.tolist())}
+
+    def encode(c: int) -> np.ndarray:
+        x = np.zeros(model.num_params, np.int64)
+        row = np.searchsorted(clients, c)
+        stats[row, -1] = aggregate.accumulate(x, updates[index[c]], weights[row], scales)
+        return x
+    return encode
+
+
+def _summer(shared: C.NodeShared, root: bool, n: int):
+    """reduce(part) -> the Z_{2^64} sum of every rank's uint64 part on rank 0, by the exact-sum transport."""
+    def reduce(part: np.ndarray) -> np.ndarray | None:
+        # int64 addition that wraps is uint64 addition, bit for bit
+        total = np.zeros(n, np.int64) if root else None
+        shared.sum_to_root(part.view(np.int64), total)
+        return total.view(np.uint64) if root else None
+    return reduce
+
+
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
              indices: np.ndarray) -> None:
     """Compile every kernel the run uses, one rank of each node at a time.
@@ -295,6 +322,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
     pipeline = update_pipeline.build(cfg, model, params)
+    # --secure-aggregation: the exact sum's transport, protected (he makes its keys here)
+    secure_sum = secure.SecureSum(cfg, comm, workers) if cfg.secure_aggregation != "none" else None
     # per-client statistics that travel to rank 0 with one Reduce: training, the
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
     stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
@@ -313,6 +342,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
         from fedmpi.results import ResultsWriter  # h5py: only the rank that writes imports it
         for line in pipeline.describe():
             print(line, flush=True)
+        if secure_sum is not None:
+            print(secure_sum.describe(cfg.clients_per_round), flush=True)
         for line in config_warnings(cfg):
             print(f"fedmpi: warning: {line}", file=sys.stderr, flush=True)
         fingerprint = fingerprint_of(data, part.order, part.offsets)
@@ -398,6 +429,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 in_order = C.gather_in_client_order(comm, updates, by_rank)
                 if root:
                     combined = algo.combine(in_order)
+            elif secure_sum is not None:  # the same int64 terms, each masked or encrypted
+                encode = _encoder(model, mine, clients, updates, weights, scales, stats)
+                total, secure_metrics, secure_columns = secure_sum(
+                    rnd, sampled, clients, mine, encode, _summer(shared, root, model.num_params),
+                    model.num_params)
+                if root:  # a skipped round (too few survivors to unmask) changes nothing
+                    combined = aggregate.to_float(total if total is not None else
+                                                  np.zeros(model.num_params, np.int64), scales)
             else:
                 acc = np.zeros(model.num_params, np.int64)
                 for i, c in enumerate(mine.tolist()):
@@ -418,7 +457,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                     combined, rnd, clients,
                     {k: all_stats[:-1, 2 + j] for j, k in enumerate(pipeline.client_columns)},
                     cfg.clients_per_round, cfg.seed, rparams)
-                params = algo.server_step(params, update)
+                if secure_sum is None or not secure_metrics["secure_skipped"]:
+                    params = algo.server_step(params, update)
             shared.bcast_from_root(params)
 
             # 5. evaluation and results
@@ -431,6 +471,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "rank": np.array([rank_of[c] for c in clients.tolist()], np.int64),
                         "num_samples": sizes[clients]}
                 cols.update({k: all_stats[:-1, j] for j, k in enumerate(stat_cols[:-1])})
+                if secure_sum is not None:
+                    cols.update(secure_columns)
                 n_round = int(cols["num_samples"].sum())
                 train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                               if n_round else float("nan"))
@@ -453,6 +495,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "num_sampled": len(sampled), "num_samples": n_round, "seconds": seconds,
                         "bytes_up": len(clients) * nbytes, "bytes_down": len(sampled) * nbytes,
                         "fixed_point_coarse": coarse, **stage_metrics,
+                        **(secure_metrics if secure_sum is not None else {}),
                     })
                     writer.append_clients(cols)
                     writer.flush()
