@@ -23,6 +23,8 @@ PURPOSES = {
     "dropout": 6,  # which sampled clients fail to report in a round
     "canary": 7,  # which canary clients take part in a round (empirical privacy)
     "canary-direction": 8,  # a canary's random unit update
+    "compress": 40,  # randk's coordinates, qsgd's stochastic rounding (uplink)
+    "compress_down": 41,  # the same for the server's broadcast (--compress-down)
 }
 
 
