@@ -1,6 +1,7 @@
 """What the benchmark scripts share."""
 
 import os
+import platform
 import shutil
 import sys
 
@@ -12,3 +13,15 @@ def find_mpiexec(prog: str) -> str:
     if path is None:
         sys.exit(f"{prog}: mpiexec not found (install the mpich wheel into this venv)")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
