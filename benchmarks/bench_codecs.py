@@ -31,6 +31,7 @@ from common import cpu_model  # noqa: E402  benchmarks/common.py (scripts run fr
 
 CODECS = [("topk", dict(ratio=0.01)), ("topk", dict(ratio=0.1)), ("randk", dict(ratio=0.01)),
           ("qsgd", dict(bits=8)), ("qsgd", dict(bits=4)), ("qsgd", dict(bits=2)),
+          ("qsgd", dict(bits=8, coding="fixed")), ("qsgd", dict(bits=4, coding="fixed")),
           ("sign", {}), ("fp16", {})]
 
 
@@ -93,7 +94,7 @@ def main(argv=None):
     print(f"  baseline: one client's local epoch (600 samples, B=10): {train_s * 1e3:.1f} ms; "
           f"float32 update {4 * p} bytes")
     key = C.Key(seed=1, round=1, client=0)
-    header = (f"  {'codec':<14} {'bytes':>9} {'vs fp32':>8} {'rel.err':>8} "
+    header = (f"  {'codec':<26} {'bytes':>9} {'vs fp32':>8} {'rel.err':>8} "
               f"{'encode ms':>10} {'decode ms':>10} {'enc+dec / epoch':>16}")
     print(header)
     for name, settings in CODECS:
@@ -104,7 +105,7 @@ def main(argv=None):
         enc = median_seconds(lambda: codec.encode(update, key), args.repeats)
         dec = median_seconds(lambda: C.decode(buf), args.repeats)
         label = name + "".join(f" {k}={v}" for k, v in settings.items())
-        print(f"  {label:<14} {buf.size:>9} {4 * p / buf.size:>7.1f}x {err:>8.3f} "
+        print(f"  {label:<26} {buf.size:>9} {4 * p / buf.size:>7.1f}x {err:>8.3f} "
               f"{enc * 1e3:>10.2f} {dec * 1e3:>10.2f} {(enc + dec) / train_s:>15.1%}")
 
 

@@ -96,30 +96,70 @@ def test_randk_decoder_redraws_the_same_coordinates():
 
 # -- QSGD -----------------------------------------------------------------------
 
+def _gamma_bits(n: int) -> int:
+    return 2 * (n.bit_length() - 1) + 1
+
+
+def _qsgd_reference(x, bits, bucket, key):
+    """(levels, bucket norms) of QSGD in NumPy, from the same uniforms the codec draws."""
+    from fedmpi.rng import generator
+
+    s = 2**bits - 1
+    p = x.size
+    nb = math.ceil(p / bucket)
+    xp = np.zeros(nb * bucket, np.float32)
+    xp[:p] = x
+    norms = np.linalg.norm(xp.reshape(nb, bucket).astype(np.float64), axis=1).astype(np.float32)
+    norm_i = np.repeat(norms, bucket)[:p]
+    f = np.where(norm_i > 0, np.float32(s) / np.where(norm_i > 0, norm_i, 1), 0).astype(np.float32)
+    u = generator(key.seed, "compress", key.round, key.client).random(p, np.float32)
+    levels = np.minimum(np.floor(np.abs(x) * f + u), s).astype(np.int64)
+    return levels, norms
+
+
+@pytest.mark.parametrize("coding", ["elias", "fixed"])
 @pytest.mark.parametrize("bits,bucket", [(1, 8), (4, 16), (8, 512), (12, 7), (16, 64)])
-def test_qsgd_levels_norms_and_length(bits, bucket):
+def test_qsgd_levels_norms_and_length(bits, bucket, coding):
     p = 100
     x = _vec(p, seed=bits)
     x[5] = 0.0
-    buf = C.make_codec("qsgd", bits=bits, bucket=bucket).encode(x, KEY)
+    x[50:58] = 0.0  # an all-zero bucket at bucket size 8
+    buf = C.make_codec("qsgd", bits=bits, bucket=bucket, coding=coding).encode(x, KEY)
     nb = math.ceil(p / bucket)
-    assert len(buf) == 8 + 4 + 4 * nb + math.ceil(p * (bits + 1) / 8)
     s = 2**bits - 1
+    levels, norms = _qsgd_reference(x, bits, bucket, KEY)
+    np.testing.assert_allclose(buf[12:12 + 4 * nb].view("<f4"), norms, rtol=1e-6)
+    if coding == "fixed":
+        stream_bits = p * (bits + 1)
+    else:  # per bucket gamma(m + 1), per non-zero level gamma(gap) + sign + gamma(level)
+        stream_bits = 0
+        for b in range(nb):
+            lv = levels[b * bucket:(b + 1) * bucket]
+            nz = np.flatnonzero(lv)
+            gaps = np.diff(np.concatenate([[-1], nz]))
+            stream_bits += _gamma_bits(nz.size + 1) + sum(
+                _gamma_bits(int(g)) + 1 + _gamma_bits(int(lv[j])) for g, j in zip(gaps, nz))
+    assert len(buf) == 8 + 4 + 4 * nb + math.ceil(stream_bits / 8)
     y = C.decode(buf)
-    xp = np.zeros(nb * bucket)
-    xp[:p] = x
-    norms = np.linalg.norm(xp.reshape(nb, bucket), axis=1)
-    norm_i = np.repeat(norms, bucket)[:p]
-    r = np.abs(x) / norm_i * s  # the level a coordinate would have without rounding
-    level = np.abs(y) / (norm_i / s)
-    assert np.allclose(level, np.round(level), atol=1e-3)
-    assert np.all((np.round(level) == np.floor(r)) | (np.round(level) == np.ceil(r)))
-    assert np.all((y == 0) | (np.sign(y) == np.sign(x)))
+    unit = np.repeat(buf[12:12 + 4 * nb].view("<f4") / np.float32(s), bucket)[:p]
+    expected = np.where(x < 0, -1, 1) * (levels.astype(np.float32) * unit)
+    np.testing.assert_array_equal(y, expected.astype(np.float32))
+    # The levels are the two integers around |x_i| / norm * s.
+    r = np.abs(x.astype(np.float64)) / np.repeat(norms, bucket)[:p].clip(1e-30) * s
+    assert np.all((levels == np.floor(r)) | (levels == np.ceil(r)) | (np.abs(levels - r) < 1e-4))
     assert y[5] == 0.0
 
 
+def test_qsgd_codings_agree_and_elias_is_shorter_at_few_bits():
+    x = _vec(5000, seed=13)
+    el = C.make_codec("qsgd", bits=4).encode(x, KEY)
+    fx = C.make_codec("qsgd", bits=4, coding="fixed").encode(x, KEY)
+    assert np.array_equal(C.decode(el), C.decode(fx))
+    assert len(el) < len(fx)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
-def test_qsgd_is_unbiased(bits):
+def test_qsgd_is_unbiased(bits):  # the codings share their levels: testing one tests both
     p, bucket, n = 48, 16, 3000
     x = _vec(p, seed=3)
     codec = C.make_codec("qsgd", bits=bits, bucket=bucket)
@@ -136,10 +176,12 @@ def test_qsgd_is_unbiased(bits):
     assert abs(mean @ x64 - x64 @ x64) <= 4 * math.sqrt((x64**2 * var).sum() / n) + 1e-5
 
 
-def test_qsgd_rejects_bad_bits():
+def test_qsgd_rejects_bad_settings():
     for bits in (0, 17):
         with pytest.raises(ValueError, match="1..16"):
             C.make_codec("qsgd", bits=bits)
+    with pytest.raises(ValueError, match="coding"):
+        C.make_codec("qsgd", coding="huffman")
 
 
 # -- sign, fp16 -----------------------------------------------------------------
@@ -167,10 +209,11 @@ def test_fp16_round_trip_and_saturation():
 
 # -- generic --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["topk", "randk", "qsgd", "sign", "fp16"])
-def test_header_and_corrupt_buffers(name):
+@pytest.mark.parametrize("name,coding", [("topk", ""), ("randk", ""), ("qsgd", "elias"),
+                                         ("qsgd", "fixed"), ("sign", ""), ("fp16", "")])
+def test_header_and_corrupt_buffers(name, coding):
     x = _vec(333, seed=6)
-    codec = C.make_codec(name, ratio=0.1, bits=3)
+    codec = C.make_codec(name, ratio=0.1, bits=3, coding=coding or "elias")
     buf = codec.encode(x, KEY)
     assert buf.dtype == np.uint8 and buf.ndim == 1
     assert C.read_header(buf)[0] == name and C.read_header(buf)[2] == 333

@@ -15,12 +15,8 @@ Codecs (settings in the constructor, no state between calls):
             the (seed, "compress", round, client) generator, values scaled
             by P/k so that the decode is unbiased. Only the values and the
             16-byte key travel: the decoder draws the same indices again.
-- ``qsgd``  Alistarh et al. (NeurIPS 2017): buckets of `bucket` coordinates,
-            each sent as its float32 L2 norm, then per coordinate a level in
-            0..s (s = 2^bits - 1) rounded stochastically so that
-            E[decode] = x, and a sign bit: bits + 1 bits per coordinate in a
-            fixed-width little-endian bit stream (not Elias-coded as in the
-            paper's Theorem 3.2, which would be shorter at low bits).
+- ``qsgd``  Alistarh et al. (NeurIPS 2017): stochastic quantisation to
+            2^bits - 1 levels per bucket, unbiased (fedmpi/compression/qsgd.py).
 - ``sign``  1 bit per coordinate and one float32 scale ||x||_1 / P
             (Karimireddy et al. 2019, EF-SignSGD); 0 is sent as +. Biased.
 - ``fp16``  IEEE half precision, saturated at +-65504 so that a large
@@ -29,40 +25,22 @@ Codecs (settings in the constructor, no state between calls):
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import numpy as np
 from numba import njit
 
 from fedmpi import rng as _rng
+from fedmpi.compression.qsgd import DEFAULT_BUCKET, QSGD
+from fedmpi.compression.wire import (HEADER_BYTES, Key, as_bytes, check_update, f32_bytes,
+                                     header, num_kept, u32)
 
-HEADER_BYTES = 8
+__all__ = ["Key", "NAMES", "decode", "make_codec", "read_header", "topk_indices"]
+
 _F16_MAX = np.float32(65504.0)
-DEFAULT_BUCKET = 512  # QSGD paper's experiments use buckets of 512 for 4- and 8-bit
 
 
-class Key(NamedTuple):
-    """Which update this is: names the random draws of randk and qsgd."""
-
-    seed: int
-    round: int
-    client: int
-
-
-# -- header -------------------------------------------------------------------
-
-def _header(codec_id: int, bits: int, num_params: int) -> np.ndarray:
-    h = np.zeros(HEADER_BYTES, np.uint8)
-    h[0] = codec_id
-    h[1] = bits
-    h[4:8] = np.array([num_params], "<u4").view(np.uint8)
-    return h
-
-
-def read_header(buf: np.ndarray) -> tuple[str, int, int]:
+def read_header(buf) -> tuple[str, int, int]:
     """(codec name, bits, P) of an encoded buffer."""
-    buf = _as_bytes(buf)
+    buf = as_bytes(buf)
     if buf.size < HEADER_BYTES:
         raise ValueError(f"encoded update of {buf.size} bytes is shorter than its header")
     cid = int(buf[0])
@@ -71,36 +49,11 @@ def read_header(buf: np.ndarray) -> tuple[str, int, int]:
     return _BY_ID[cid].name, int(buf[1]), int(buf[4:8].view("<u4")[0])
 
 
-def _as_bytes(buf) -> np.ndarray:
-    return np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf.view(np.uint8)
-
-
-def _u32(*values) -> np.ndarray:
-    return np.array(values, "<u4").view(np.uint8)
-
-
-def _f32_bytes(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, "<f4").view(np.uint8)
-
-
-def num_kept(ratio: float, num_params: int) -> int:
-    """k = ceil(ratio * P), at least 1 (P > 0)."""
-    return max(1, min(num_params, math.ceil(ratio * num_params)))
-
-
-def _check(x: np.ndarray) -> np.ndarray:
-    if x.ndim != 1 or x.dtype != np.float32:
-        raise ValueError(f"codecs take a flat float32 update, got {x.dtype} {x.shape}")
-    if x.size >= 2**32:
-        raise ValueError("updates of 2^32 or more parameters do not fit the 32-bit header")
-    return x
-
-
 # -- top-k --------------------------------------------------------------------
 
 def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     """Ascending indices of the k largest |x_i|; among equal |x_i| the lower index wins."""
-    return _topk(_check(x).view(np.uint32), k)
+    return _topk(check_update(x).view(np.uint32), k)
 
 
 @njit(cache=True)
@@ -190,12 +143,12 @@ class TopK:
         self.ratio = float(ratio)
 
     def encode(self, x: np.ndarray, key: Key | None = None) -> np.ndarray:
-        x = _check(x)
+        x = check_update(x)
         idx = topk_indices(x, num_kept(self.ratio, x.size))
         gaps = np.empty(5 * idx.size, np.uint8)  # a uint32 gap takes at most 5 varint bytes
         used = _varint_encode(idx, gaps)
-        return np.concatenate([_header(self.id, 0, x.size), _u32(idx.size),
-                               _f32_bytes(x[idx]), gaps[:used]])
+        return np.concatenate([header(self.id, 0, x.size), u32(idx.size),
+                               f32_bytes(x[idx]), gaps[:used]])
 
     @staticmethod
     def decode(buf: np.ndarray, num_params: int) -> np.ndarray:
@@ -225,13 +178,13 @@ class RandK:
         self.ratio = float(ratio)
 
     def encode(self, x: np.ndarray, key: Key) -> np.ndarray:
-        x = _check(x)
+        x = check_update(x)
         k = num_kept(self.ratio, x.size)
         idx = randk_indices(key, k, x.size)
         values = x[idx] * np.float32(x.size / k)
-        return np.concatenate([_header(self.id, 0, x.size), _u32(k),
+        return np.concatenate([header(self.id, 0, x.size), u32(k),
                                np.array([key.seed], "<u8").view(np.uint8),
-                               _u32(key.round, key.client), _f32_bytes(values)])
+                               u32(key.round, key.client), f32_bytes(values)])
 
     @staticmethod
     def decode(buf: np.ndarray, num_params: int) -> np.ndarray:
@@ -245,111 +198,15 @@ class RandK:
         return out
 
 
-# -- QSGD ---------------------------------------------------------------------
-
-@njit(cache=True)
-def _qsgd_encode(x, d, bits, u, norms, out):
-    """Per bucket: float32 L2 norm into norms; per coordinate a (bits + 1)-bit
-    field (level in 0..s, then the sign bit) appended LSB-first to out."""
-    p = x.shape[0]
-    s = (1 << bits) - 1
-    width = np.uint64(bits + 1)
-    acc = np.uint64(0)
-    have = np.uint64(0)
-    pos = 0
-    for b in range(norms.shape[0]):
-        lo = b * d
-        hi = min(p, lo + d)
-        ss = 0.0
-        for i in range(lo, hi):
-            ss += np.float64(x[i]) * np.float64(x[i])
-        nrm = np.float32(np.sqrt(ss))
-        norms[b] = nrm
-        f = np.float32(s) / nrm if nrm > 0 else np.float32(0.0)
-        for i in range(lo, hi):
-            # floor(r + u) with u ~ U[0, 1) is ceil(r) with probability r - floor(r):
-            # E[level] = r, so E[decode] = |x_i| (Alistarh et al., Lemma 3.1).
-            level = np.int64(np.floor(abs(x[i]) * f + u[i]))
-            if level > s:  # only by float rounding when |x_i| is the whole norm
-                level = s
-            field = np.uint64(level)
-            if x[i] < 0:
-                field |= np.uint64(1) << np.uint64(bits)
-            acc |= field << have
-            have += width
-            while have >= 8:
-                out[pos] = np.uint8(acc & np.uint64(255))
-                acc >>= np.uint64(8)
-                have -= np.uint64(8)
-                pos += 1
-    if have > 0:
-        out[pos] = np.uint8(acc & np.uint64(255))
-
-
-@njit(cache=True)
-def _qsgd_decode(data, d, bits, norms, out):
-    s = (1 << bits) - 1
-    width = np.uint64(bits + 1)
-    mask = np.uint64(s)
-    acc = np.uint64(0)
-    have = np.uint64(0)
-    pos = 0
-    for i in range(out.shape[0]):
-        while have < width:
-            acc |= np.uint64(data[pos]) << have
-            pos += 1
-            have += np.uint64(8)
-        level = acc & mask
-        neg = (acc >> np.uint64(bits)) & np.uint64(1)
-        acc >>= width
-        have -= width
-        v = np.float32(level) * (norms[i // d] / np.float32(s))
-        out[i] = -v if neg else v
-
-
-class QSGD:
-    name, id, biased = "qsgd", 3, False
-
-    def __init__(self, bits: int, bucket: int = DEFAULT_BUCKET):
-        if not 1 <= bits <= 16:
-            raise ValueError(f"qsgd bits must be in 1..16, got {bits}")
-        if bucket < 1:
-            raise ValueError(f"qsgd bucket size must be positive, got {bucket}")
-        self.bits, self.bucket = int(bits), int(bucket)
-
-    def encode(self, x: np.ndarray, key: Key) -> np.ndarray:
-        x = _check(x)
-        p, d = x.size, self.bucket
-        norms = np.empty(-(-p // d), np.float32)
-        fields = np.zeros(-(-p * (self.bits + 1) // 8), np.uint8)
-        u = _rng.generator(key.seed, "compress", key.round, key.client).random(p, np.float32)
-        _qsgd_encode(x, d, self.bits, u, norms, fields)
-        return np.concatenate([_header(self.id, self.bits, p), _u32(d), _f32_bytes(norms),
-                               fields])
-
-    @staticmethod
-    def decode(buf: np.ndarray, num_params: int) -> np.ndarray:
-        bits = int(buf[1])
-        d = int(buf[8:12].view("<u4")[0])
-        nb = -(-num_params // d) if d else 0
-        pos = 12 + 4 * nb
-        if not 1 <= bits <= 16 or d < 1 or \
-                buf.size != pos + -(-num_params * (bits + 1) // 8):
-            raise ValueError("corrupt qsgd buffer")
-        out = np.empty(num_params, np.float32)
-        _qsgd_decode(buf[pos:], d, bits, buf[12:pos].view("<f4"), out)
-        return out
-
-
 # -- sign ---------------------------------------------------------------------
 
 class Sign:
     name, id, biased = "sign", 4, True
 
     def encode(self, x: np.ndarray, key: Key | None = None) -> np.ndarray:
-        x = _check(x)
+        x = check_update(x)
         scale = np.float32(np.abs(x).sum(dtype=np.float64) / x.size) if x.size else np.float32(0)
-        return np.concatenate([_header(self.id, 1, x.size), _f32_bytes(np.array([scale])),
+        return np.concatenate([header(self.id, 1, x.size), f32_bytes(np.array([scale])),
                                np.packbits(x < 0, bitorder="little")])
 
     @staticmethod
@@ -367,9 +224,9 @@ class FP16:
     name, id, biased = "fp16", 5, False  # round to nearest: error ~1e-3 relative, no drift
 
     def encode(self, x: np.ndarray, key: Key | None = None) -> np.ndarray:
-        x = _check(x)
+        x = check_update(x)
         half = np.clip(x, -_F16_MAX, _F16_MAX).astype("<f2")
-        return np.concatenate([_header(self.id, 16, x.size), half.view(np.uint8)])
+        return np.concatenate([header(self.id, 16, x.size), half.view(np.uint8)])
 
     @staticmethod
     def decode(buf: np.ndarray, num_params: int) -> np.ndarray:
@@ -384,7 +241,8 @@ _BY_ID = {c.id: c for c in (TopK, RandK, QSGD, Sign, FP16)}
 NAMES = ("none",) + tuple(c.name for c in _BY_ID.values())
 
 
-def make_codec(name: str, *, ratio: float = 0.01, bits: int = 8, bucket: int = DEFAULT_BUCKET):
+def make_codec(name: str, *, ratio: float = 0.01, bits: int = 8, bucket: int = DEFAULT_BUCKET,
+               coding: str = "elias"):
     """The codec `name` with its settings, or None for "none" (updates travel as float32)."""
     if name == "none":
         return None
@@ -393,7 +251,7 @@ def make_codec(name: str, *, ratio: float = 0.01, bits: int = 8, bucket: int = D
             raise ValueError(f"compression ratio must be in (0, 1], got {ratio:g}")
         return (TopK if name == "topk" else RandK)(ratio)
     if name == "qsgd":
-        return QSGD(bits, bucket)
+        return QSGD(bits, bucket, coding)
     if name == "sign":
         return Sign()
     if name == "fp16":
@@ -403,6 +261,6 @@ def make_codec(name: str, *, ratio: float = 0.01, bits: int = 8, bucket: int = D
 
 def decode(buf) -> np.ndarray:
     """The float32 (P,) update an encoded buffer carries, whichever codec made it."""
-    buf = _as_bytes(buf)
+    buf = as_bytes(buf)
     name, _, p = read_header(buf)
     return _BY_ID[int(buf[0])].decode(buf, p)
