@@ -12,7 +12,7 @@ Codecs (settings in the constructor, no state between calls):
             sorted indices delta-coded as LEB128 varints (about 1-2 bytes
             each at ratio 0.01 instead of 4 for uint32). Biased.
 - ``randk`` k = ceil(ratio * P) coordinates drawn without replacement from
-            the (seed, "compress", round, client) generator, values scaled
+            the key's (seed, purpose, round, client) generator, values scaled
             by P/k so that the decode is unbiased. Only the values and the
             16-byte key travel: the decoder draws the same indices again.
 - ``qsgd``  Alistarh et al. (NeurIPS 2017): stochastic quantisation to
@@ -166,9 +166,8 @@ class TopK:
 # -- random-k -----------------------------------------------------------------
 
 def randk_indices(key: Key, k: int, num_params: int) -> np.ndarray:
-    """The k ascending coordinates randk sends for this (seed, round, client)."""
-    g = _rng.generator(key.seed, "compress", key.round, key.client)
-    return np.sort(g.choice(num_params, size=k, replace=False))
+    """The k ascending coordinates randk sends for this (seed, purpose, round, client)."""
+    return np.sort(key.generator().choice(num_params, size=k, replace=False))
 
 
 class RandK:
@@ -182,20 +181,26 @@ class RandK:
         k = num_kept(self.ratio, x.size)
         idx = randk_indices(key, k, x.size)
         values = x[idx] * np.float32(x.size / k)
-        return np.concatenate([header(self.id, 0, x.size), u32(k),
+        # The key travels (16 bytes; its purpose in the header) instead of k indices.
+        return np.concatenate([header(self.id, 0, x.size, _rng.PURPOSES[key.purpose]), u32(k),
                                np.array([key.seed], "<u8").view(np.uint8),
                                u32(key.round, key.client), f32_bytes(values)])
 
     @staticmethod
     def decode(buf: np.ndarray, num_params: int) -> np.ndarray:
-        k = int(buf[8:12].view("<u4")[0])
+        k = int(buf[8:12].view("<u4")[0]) if buf.size >= 12 else -1
+        purpose = _PURPOSE_NAMES.get(int(buf[2]))
+        if buf.size != 28 + 4 * k or not 0 < k <= num_params or purpose is None:
+            raise ValueError("corrupt randk buffer")
         seed = int(buf[12:20].view("<u8")[0])
         round_, client = (int(v) for v in buf[20:28].view("<u4"))
-        if buf.size != 28 + 4 * k or k > num_params:
-            raise ValueError("corrupt randk buffer")
         out = np.zeros(num_params, np.float32)
-        out[randk_indices(Key(seed, round_, client), k, num_params)] = buf[28:].view("<f4")
+        out[randk_indices(Key(seed, round_, client, purpose), k, num_params)] = \
+            buf[28:].view("<f4")
         return out
+
+
+_PURPOSE_NAMES = {code: name for name, code in _rng.PURPOSES.items()}
 
 
 # -- sign ---------------------------------------------------------------------

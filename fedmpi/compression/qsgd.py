@@ -7,8 +7,8 @@ gets a level l_i in 0..s (s = 2^bits - 1) with
     l_i = floor(|v_i| / ||v|| * s + u_i),   u_i ~ U[0, 1)
 
 so that E[l_i] = |v_i| / ||v|| * s and decode = sign(v_i) * ||v|| * l_i / s is
-unbiased (the paper's Lemma 3.1). The uniforms come from the (seed,
-"compress", round, client) generator, so both codings draw the same levels.
+unbiased (the paper's Lemma 3.1). The uniforms come from the key's (seed,
+purpose, round, client) generator, so both codings draw the same levels.
 
 Codings of the levels and signs (bit streams, MSB first):
 - ``elias`` (default; the paper's Section 3.2 / Theorem 3.2): per bucket the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from fedmpi import rng as _rng
 from fedmpi.compression.wire import Key, check_update, f32_bytes, header, u32
 
 DEFAULT_BUCKET = 512  # the paper's bucket size for its 4- and 8-bit experiments
@@ -197,7 +196,7 @@ class QSGD:
         # Worst case per coordinate: gap and level gamma codes plus the sign bit.
         worst = p * (2 * 25 + 2 * self.bits + 3) + nb * 50 if elias else p * (self.bits + 1)
         stream = np.zeros(worst // 8 + 8, np.uint8)
-        u = _rng.generator(key.seed, "compress", key.round, key.client).random(p, np.float32)
+        u = key.generator().random(p, np.float32)
         used = _encode(x, d, self.bits, u, norms, stream, elias)
         return np.concatenate([header(self.id, self.bits, p, CODINGS.index(self.coding)),
                                u32(d), f32_bytes(norms), stream[:used]])

@@ -15,11 +15,21 @@ HEADER_BYTES = 8
 
 
 class Key(NamedTuple):
-    """Which update this is: names the random draws of randk and qsgd."""
+    """Which update this is: names the random draws of randk and qsgd.
+
+    purpose: "compress" for client uplinks, "compress_down" for the server's
+    broadcast (fedmpi.rng.PURPOSES), so the two never share a stream.
+    """
 
     seed: int
     round: int
     client: int
+    purpose: str = "compress"
+
+    def generator(self):
+        from fedmpi.rng import generator
+
+        return generator(self.seed, self.purpose, self.round, self.client)
 
 
 def header(codec_id: int, bits: int, num_params: int, variant: int = 0) -> np.ndarray:
