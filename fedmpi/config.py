@@ -34,6 +34,9 @@ LOSSES = ("cross_entropy", "mse")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("auto", "rdp", "pld")
 INITS = ("glorot_uniform", "he_uniform")
+COMPRESSORS = ("none", "topk", "randk", "qsgd", "sign", "fp16")
+DOWN_COMPRESSORS = ("none", "fp16", "qsgd")
+QSGD_CODINGS = ("elias", "fixed")
 
 
 def _opt(help_, choices=None, flag=None):
@@ -133,6 +136,33 @@ class Config:
         "one-shot empirical privacy estimate (Andrew et al. 2024): insert this many canary "
         "clients (random unit updates at the clip norm) and as many held-out directions; the "
         "run reports an empirical epsilon beside the accountant's (0 = off)"))
+    # communication compression (fedmpi/compression/)
+    compress: str = field(default="none", metadata=_opt(
+        "uplink compression of each client update: topk, randk (--compress-ratio), qsgd "
+        "(--compress-bits), sign (EF-SignSGD with --error-feedback), fp16", COMPRESSORS))
+    compress_ratio: float = field(default=0.01, metadata=_opt(
+        "fraction of coordinates topk / randk send, in (0, 1]"))
+    compress_bits: int = field(default=8, metadata=_opt(
+        "qsgd bits per level, 1..16 (2^bits - 1 levels per bucket)"))
+    compress_bucket: int = field(default=512, metadata=_opt(
+        "qsgd bucket size (512 as in Alistarh et al.'s experiments)"))
+    qsgd_coding: str = field(default="elias", metadata=_opt(
+        "qsgd levels as Elias codes (the paper's, shorter) or fixed width", QSGD_CODINGS))
+    error_feedback: bool = field(default=False, metadata=_opt(
+        "each client adds what compression dropped to its next update (needed by topk, sign)"))
+    compress_down: str = field(default="none", metadata=_opt(
+        "compression of the server's broadcast (the model change): fp16 or qsgd",
+        DOWN_COMPRESSORS))
+    prune: float = field(default=0.0, metadata=_opt(
+        "fraction of each layer's weights pruned by magnitude (biases kept), in [0, 1)"))
+    prune_start: int = field(default=1, metadata=_opt(
+        "round after whose server step pruning starts (one-shot if --prune-end is the same)"))
+    prune_end: int = field(default=1, metadata=_opt(
+        "round from which the full --prune sparsity holds (Zhu & Gupta's cubic schedule "
+        "between --prune-start and this)"))
+    client_state_dir: str | None = field(default=None, metadata=_opt(
+        "keep per-client state (error-feedback residuals) in a memory-mapped file under DIR "
+        "instead of RAM"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -189,8 +219,9 @@ class Config:
 
 FIELDS = {f.name: f for f in fields(Config)}
 # Settings that say where and how a run is executed, not what it computes: they
-# never make two runs different (analysis, sweeps) and may change on resume.
-EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
+# never make two runs different (analysis, sweeps) and may change on resume
+# (client_state_dir: where per-client state lives does not change results).
+EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every", "client_state_dir")
 # ... and more rounds extend a finished run.
 RESUMABLE = frozenset(EXECUTION_KEYS + ("rounds",))
 
@@ -303,9 +334,21 @@ def validate(cfg: Config) -> Config:
          "--sampling poisson draws each client with the same probability: it has no "
          "--client-sampling proportional variant")
     _validate_dp(cfg, need)
+    need(0 < cfg.compress_ratio <= 1,
+         f"--compress-ratio must be in (0, 1] (got {cfg.compress_ratio})")
+    need(1 <= cfg.compress_bits <= 16, f"--compress-bits must be in 1..16 (got {cfg.compress_bits})")
+    need(1 <= cfg.compress_bucket <= 2**24,
+         f"--compress-bucket must be in 1..16777216 (got {cfg.compress_bucket})")
+    need(0 <= cfg.prune < 1, f"--prune must be in [0, 1) (got {cfg.prune})")
+    need(1 <= cfg.prune_start <= cfg.prune_end,
+         f"--prune-start ({cfg.prune_start}) must be at least 1 and at most --prune-end "
+         f"({cfg.prune_end})")
+    need(cfg.prune == 0 or cfg.compress_down == "none",
+         "--prune and --compress-down cannot be combined: pruning already sends the surviving "
+         "weights and a mask; choose one")
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
                  "aggregator", "client_sampling", "client_weighting", "sampling",
-                 "dp_accountant"):
+                 "dp_accountant", "compress", "compress_down", "qsgd_coding"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
@@ -367,7 +410,9 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.dp_clip is not None and cfg.dp_noise_multiplier == 0 and cfg.dp_target_epsilon is None:
         out.append("--dp-noise-multiplier 0: updates are clipped but not noised, so there is "
                    "no privacy guarantee (epsilon = inf)")
-    return out
+    from fedmpi.compression.stages import warnings_for as compression_warnings
+
+    return out + compression_warnings(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -356,3 +356,83 @@ def test_masked_model_encoding_bytes_and_round_trip():
     assert len(buf) == 8 + math.ceil(model.num_params / 8) + 4 * kept
     back, mask2 = prune.decode_masked(buf)
     assert np.array_equal(back, params) and np.array_equal(mask2, mask)
+
+
+# -- round steps (fedmpi/compression/stages.py) ---------------------------------
+
+def _cfg(**kw):
+    from fedmpi.config import Config
+
+    return Config(**kw)
+
+
+def test_uplink_weighted_sum_in_given_order_and_error_feedback():
+    from fedmpi.compression.stages import Uplink
+
+    up = Uplink(_cfg(compress="topk", compress_ratio=0.1, error_feedback=True, seed=3))
+    xs = [_vec(300, seed=20 + c) for c in range(3)]
+    bufs, residuals = [], []
+    for c, x in enumerate(xs):
+        buf, res = up.client(x, c, rnd=1, residual=None)
+        bufs.append(buf)
+        residuals.append(res)
+        np.testing.assert_array_equal(res + C.decode(buf), x)  # nothing lost
+    w = np.array([0.5, 0.25, 0.25])
+    expected = sum(wk * C.decode(b).astype(np.float64) for wk, b in zip(w, bufs))
+    np.testing.assert_array_equal(Uplink.weighted_sum(bufs, w), expected)
+    # The next round's update carries the residual.
+    buf2, _ = up.client(xs[0], 0, rnd=2, residual=residuals[0])
+    assert np.array_equal(C.decode(buf2), C.decode(C.make_codec("topk", ratio=0.1).encode(
+        xs[0] + residuals[0])))
+
+
+def test_downlink_one_shot_pruning_persists():
+    from fedmpi.compression.stages import Downlink
+
+    model = MLP((30, 20, 5))
+    down = Downlink(_cfg(prune=0.5, prune_start=2, prune_end=2), model)
+    old = _vec(model.num_params, seed=30)
+    new = old.copy()
+    assert down.server(old, new, rnd=1) == 4 * model.num_params and down.mask is None
+    nbytes = down.server(old, new, rnd=2)
+    kept = int(down.mask.sum())
+    assert kept == model.num_params - (30 * 20 // 2 + 20 * 5 // 2)
+    assert nbytes == 8 + math.ceil(model.num_params / 8) + 4 * kept
+    assert down.weight_sparsity() == pytest.approx(0.5)
+    assert np.all(new[~down.mask] == 0)
+    update = np.ones(model.num_params, np.float32)
+    down.mask_update(update)  # clients' updates are zero where pruned
+    again = new + update
+    down.server(new, again, rnd=3)
+    assert np.all(again[~down.mask] == 0) and np.array_equal(again[down.mask], new[down.mask] + 1)
+    restored = Downlink(_cfg(prune=0.5, prune_start=2, prune_end=2), model)
+    restored.load_state(down.state())
+    assert np.array_equal(restored.mask, down.mask) and restored.sparsity == 0.5
+
+
+def test_downlink_fp16_sends_the_model_change():
+    from fedmpi.compression.stages import Downlink
+
+    model = MLP((10, 4))
+    down = Downlink(_cfg(compress_down="fp16"), model)
+    old = _vec(model.num_params, seed=31)
+    new = old + _vec(model.num_params, seed=32) * np.float32(1e-3)
+    change = new - old
+    assert down.server(old, new, rnd=1) == 8 + 2 * model.num_params
+    np.testing.assert_array_equal(new, old + change.astype(np.float16).astype(np.float32))
+
+
+def test_compression_warnings_and_config_errors():
+    from fedmpi.compression.stages import warnings_for
+    from fedmpi.config import from_dict
+    from fedmpi.errors import UserError
+
+    assert any("harmless" in w for w in warnings_for(_cfg(compress="qsgd", error_feedback=True)))
+    assert any("biased" in w for w in warnings_for(_cfg(compress="sign")))
+    assert warnings_for(_cfg(compress="topk", error_feedback=True)) == []
+    for bad, msg in [({"compress_ratio": "0"}, r"\(0, 1\]"), ({"compress_ratio": "1.5"}, r"\(0, 1\]"),
+                     ({"compress_bits": "0"}, "1..16"), ({"compress_bits": "17"}, "1..16"),
+                     ({"prune": "1"}, r"\[0, 1\)"), ({"compress": "zip"}, "unknown"),
+                     ({"prune": "0.5", "compress_down": "fp16"}, "cannot be combined")]:
+        with pytest.raises(UserError, match=msg):
+            from_dict(bad)
