@@ -76,11 +76,18 @@ MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
     "dp_noise_std": (
         "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
         "update (z_update * S / K)"),
+    # compression (--prune)
+    "weight_sparsity": (
+        "1", "Fraction of the weights (biases excluded) pruned in the model this round's "
+        "clients trained (--prune)"),
 }
 
 MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
     "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
+    "bytes_up": (
+        "bytes", "Length of the client's encoded update, the buffer that crossed MPI "
+        "(--compress)"),
 }
 
 FLAT_LAYOUT = (

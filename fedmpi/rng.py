@@ -24,7 +24,7 @@ PURPOSES = {
     "canary": 7,  # which canary clients take part in a round (empirical privacy)
     "canary-direction": 8,  # a canary's random unit update
     "compress": 40,  # randk's coordinates, qsgd's stochastic rounding (uplink)
-    "compress_down": 41,  # the same for the server's broadcast (--compress-down)
+    "compress-down": 41,  # the same for the server's broadcast (--compress-down)
 }
 
 

@@ -90,7 +90,7 @@ def test_randk_decoder_redraws_the_same_coordinates():
     idx = np.flatnonzero(y)
     assert idx.size == 50
     np.testing.assert_array_equal(y[idx], x[idx] * np.float32(1000 / 50))
-    for other_key in (KEY._replace(client=12), KEY._replace(purpose="compress_down")):
+    for other_key in (KEY._replace(client=12), KEY._replace(purpose="compress-down")):
         other = C.decode(C.make_codec("randk", ratio=0.05).encode(x, other_key))
         assert np.count_nonzero(other) == 50
         assert not np.array_equal(np.flatnonzero(other), idx)

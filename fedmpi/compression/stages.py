@@ -1,16 +1,13 @@
-"""The compression steps of a round, as pure objects the runtime calls.
+"""Compression as update-pipeline stages (fedmpi/pipeline.py): pure, no MPI, no I/O.
 
-Uplink (each client, on whichever rank trains it):
-    update -> (+ error-feedback residual) -> codec.encode -> bytes
-Uplink (rank 0): decode every client's bytes, in ascending client-id order,
-    and sum them with the clients' weights in float64 -- a fixed order of
-    fixed values, so the sum is the same for any rank count.
-Downlink (rank 0, after the server step): prune (persistent mask), or
-    compress the model change; the bytes each client would receive are
-    counted from the real buffer.
-
-No MPI and no I/O here: moving the buffers and the residual rows is the
-runtime's job.
+- ``Compress`` (client side, last stage): update (+ error-feedback residual)
+  -> codec bytes in ctx.payload; the runtime gathers the bytes to rank 0,
+  which decodes them in ascending client-id order. The residual is the
+  client's row of a ClientStateStore (fedmpi/state.py) kept on rank 0.
+- ``Broadcast`` (server side, after the step): magnitude pruning with a
+  persistent mask (clients zero their updates where the model is pruned), or
+  compression of the model change (--compress-down); either way the bytes
+  per client come from the real buffer.
 """
 
 from __future__ import annotations
@@ -21,6 +18,8 @@ from fedmpi.compression import codecs, prune
 from fedmpi.compression.error_feedback import compress_with_feedback
 from fedmpi.compression.wire import Key
 from fedmpi.model.mlp import MLP
+from fedmpi.pipeline import Stage
+from fedmpi.state import ClientStateStore
 
 
 def warnings_for(cfg) -> list[str]:
@@ -29,8 +28,8 @@ def warnings_for(cfg) -> list[str]:
     if cfg.error_feedback and cfg.compress in ("none", "randk", "qsgd", "fp16"):
         what = "no compressor" if cfg.compress == "none" else \
             f"--compress {cfg.compress}, which is unbiased or near-lossless"
-        out.append(f"--error-feedback with {what}: harmless but it changes nothing that "
-                   "matters; it is meant for the biased topk and sign")
+        out.append(f"--error-feedback with {what}: harmless, but it is meant for the biased "
+                   "topk and sign")
     if cfg.compress in ("topk", "sign") and not cfg.error_feedback:
         out.append(f"--compress {cfg.compress} without --error-feedback is biased and may "
                    "converge to a worse model (Karimireddy et al. 2019)")
@@ -43,44 +42,68 @@ def uplink_codec(cfg):
                              bucket=cfg.compress_bucket, coding=cfg.qsgd_coding)
 
 
-class Uplink:
-    """Client-side encoding (with optional error feedback) and server-side decoding."""
+def _codec_label(cfg, name: str) -> str:
+    if name in ("topk", "randk"):
+        return f"{name} (ratio {cfg.compress_ratio:g})"
+    if name == "qsgd":
+        return f"qsgd ({cfg.compress_bits} bits, buckets of {cfg.compress_bucket}, " \
+               f"{cfg.qsgd_coding} coding)"
+    return name
 
-    def __init__(self, cfg):
+
+class Compress(Stage):
+    """Each client's update becomes the bytes of a codec; error feedback optional."""
+
+    name = "compress"
+    encodes = True
+
+    def __init__(self, cfg, model: MLP):
         self.codec = uplink_codec(cfg)
         if self.codec is None:
-            raise ValueError("Uplink needs a compressor (--compress is none)")
+            raise ValueError("Compress needs a compressor (--compress is none)")
         self.error_feedback = bool(cfg.error_feedback)
-        self.seed = int(cfg.seed)
+        self.description = f"uplink compression: {_codec_label(cfg, cfg.compress)}"
+        self.store = None
+        if self.error_feedback:
+            self.client_state = "ef_residual"
+            # Rows only for clients that have trained; used on rank 0 only.
+            self.store = ClientStateStore(model.num_params, name=self.client_state,
+                                          spill_dir=cfg.client_state_dir)
+            self.description += (f", error feedback ({self.store.describe(cfg.clients)}; "
+                                 "--client-state-dir DIR keeps them on disk)")
 
-    def client(self, update: np.ndarray, client_id: int, rnd: int,
-               residual: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(bytes to send, new residual or None without error feedback)."""
-        key = Key(self.seed, rnd, client_id, "compress")
-        if not self.error_feedback:
-            return self.codec.encode(np.ascontiguousarray(update, np.float32), key), None
-        buf, _, new_residual = compress_with_feedback(self.codec, update, residual, key)
-        return buf, new_residual
+    def client(self, update: np.ndarray, ctx) -> None:
+        key = Key(ctx.seed, ctx.rnd, ctx.client_id, "compress")
+        if self.error_feedback:
+            buf, _, residual = compress_with_feedback(self.codec, update, ctx.state, key)
+            ctx.state[:] = residual
+        else:
+            buf = self.codec.encode(np.ascontiguousarray(update, np.float32), key)
+        ctx.payload = buf
 
-    @staticmethod
-    def decode_all(buffers: list[np.ndarray]) -> np.ndarray:
-        """float32 (n, P) decoded updates, in the order given."""
-        return np.stack([codecs.decode(b) for b in buffers])
+    def decode(self, payload: np.ndarray) -> np.ndarray:
+        return codecs.decode(payload)
 
-    @staticmethod
-    def weighted_sum(buffers: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-        """sum_k weights[k] * decode(buffers[k]) in float64, k in the order given."""
-        total = None
-        for buf, w in zip(buffers, np.asarray(weights, np.float64)):
-            dec = codecs.decode(buf)
-            if total is None:
-                total = np.zeros(dec.size, np.float64)
-            total += w * dec.astype(np.float64)
-        return total
+    def warm_up(self, update: np.ndarray) -> None:
+        codecs.decode(self.codec.encode(update, Key(0, 0, 0)))
+
+    def state(self) -> dict[str, np.ndarray]:
+        if self.store is None:
+            return {}
+        arrays = self.store.export()
+        return {f"{self.client_state}_ids": arrays["ids"],
+                f"{self.client_state}_rows": arrays["rows"]}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.store is not None and f"{self.client_state}_ids" in arrays:
+            self.store.load({"ids": arrays[f"{self.client_state}_ids"],
+                             "rows": arrays[f"{self.client_state}_rows"]})
 
 
-class Downlink:
+class Broadcast(Stage):
     """What the server broadcasts after its step: pruned model, or a compressed change."""
+
+    name = "broadcast"
 
     def __init__(self, cfg, model: MLP):
         self.model = model
@@ -90,35 +113,65 @@ class Downlink:
         self.codec = codecs.make_codec(cfg.compress_down, bits=cfg.compress_bits,
                                        bucket=cfg.compress_bucket, coding=cfg.qsgd_coding)
         self.mask: np.ndarray | None = None  # keep-mask once pruning has started
-        self.sparsity = 0.0  # of the weights (biases excluded), as last pruned
+        self.sparsity = 0.0  # target sparsity of the weights, as last pruned
+        if self.prune_to > 0:
+            self.round_columns = ("weight_sparsity",)
+            when = (f"after round {self.prune_start}" if self.prune_start == self.prune_end
+                    else f"from round {self.prune_start} to {self.prune_end} (Zhu & Gupta)")
+            self.description = (f"pruning: {self.prune_to:g} of each layer's weights by "
+                                f"magnitude {when}; broadcast as mask + surviving values")
+        else:
+            self.description = f"downlink compression: {_codec_label(cfg, cfg.compress_down)}"
 
-    @property
-    def active(self) -> bool:
-        return self.prune_to > 0 or self.codec is not None
+    # -- clients: keep pruned weights at zero ----------------------------------------
 
-    def server(self, old: np.ndarray, new: np.ndarray, rnd: int) -> int:
-        """Turn `new` (float32, in place) into what clients receive; returns its bytes per client."""
+    def round_params(self, rnd: int) -> dict:
+        if self.mask is None:
+            return {}
+        return {"mask": np.packbits(self.mask, bitorder="little")}
+
+    def client(self, update: np.ndarray, ctx) -> None:
+        packed = ctx.params.get(self.name, {}).get("mask")
+        if packed is not None:
+            keep = np.unpackbits(packed, count=update.size, bitorder="little").astype(bool)
+            update[~keep] = 0.0
+
+    # -- server --------------------------------------------------------------------
+
+    def server(self, mean: np.ndarray, ctx) -> np.ndarray:
+        if self.prune_to > 0:  # the sparsity of the model this round's clients trained
+            ctx.metrics["weight_sparsity"] = self.weight_sparsity()
+        return mean
+
+    def downlink(self, old: np.ndarray, new: np.ndarray, rnd: int) -> int | None:
         if self.prune_to > 0:
             target = prune.sparsity_at(rnd, self.prune_to, self.prune_start, self.prune_end)
-            if target > self.sparsity or (self.mask is None and target > 0):
+            if target > self.sparsity:
                 self.mask = prune.prune_mask(new, self.model, target, self.mask)
                 self.sparsity = target
-            if self.mask is not None:
-                prune.apply_mask(new, self.mask)
-                return int(prune.encode_masked(new, self.mask).size)
-            return 4 * new.size
+            if self.mask is None:
+                return None
+            prune.apply_mask(new, self.mask)
+            return int(prune.encode_masked(new, self.mask).size)
         if self.codec is not None:
-            delta = new - old
-            buf = self.codec.encode(delta, Key(self.seed, rnd, 0, "compress_down"))
-            # Everyone, the server included, continues from what was received.
-            new[:] = old + codecs.decode(buf)
+            buf = self.codec.encode(new - old, Key(self.seed, rnd, 0, "compress-down"))
+            new[:] = old + codecs.decode(buf)  # everyone, server too, goes on from this
             return int(buf.size)
-        return 4 * new.size
+        return None
 
-    def mask_update(self, update: np.ndarray) -> None:
-        """Zero a client's update where the model is pruned, so pruned weights stay zero."""
-        if self.mask is not None:
-            update[~self.mask] = 0.0
+    def warm_up(self, update: np.ndarray) -> None:
+        if self.codec is not None:
+            codecs.decode(self.codec.encode(update, Key(0, 0, 0, "compress-down")))
+
+    def weight_sparsity(self) -> float:
+        """Fraction of weights (not biases) pruned, counted from the mask."""
+        if self.mask is None:
+            return 0.0
+        pruned = total = 0
+        for w, _ in self.model.layers(self.mask):
+            pruned += int(w.size - np.count_nonzero(w))
+            total += w.size
+        return pruned / total
 
     def state(self) -> dict[str, np.ndarray]:
         if self.mask is None:
@@ -133,12 +186,13 @@ class Downlink:
                                       bitorder="little").astype(bool)
             self.sparsity = float(arrays["prune_sparsity"])
 
-    def weight_sparsity(self) -> float:
-        """Fraction of weights (not biases) that are pruned, measured from the mask."""
-        if self.mask is None:
-            return 0.0
-        pruned = total = 0
-        for (w, _) in self.model.layers(self.mask):
-            pruned += int(w.size - np.count_nonzero(w))
-            total += w.size
-        return pruned / total
+
+def stages_for(cfg, model: MLP) -> tuple[list[Stage], list[Stage]]:
+    """(stages before the others, stages after them) that the config asks for.
+
+    Pruning's client side comes first (pruned coordinates are zero before
+    clipping measures the norm); compression comes last (clip, then compress).
+    """
+    first = [Broadcast(cfg, model)] if cfg.prune > 0 or cfg.compress_down != "none" else []
+    last = [Compress(cfg, model)] if cfg.compress != "none" else []
+    return first, last

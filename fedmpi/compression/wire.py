@@ -17,7 +17,7 @@ HEADER_BYTES = 8
 class Key(NamedTuple):
     """Which update this is: names the random draws of randk and qsgd.
 
-    purpose: "compress" for client uplinks, "compress_down" for the server's
+    purpose: "compress" for client uplinks, "compress-down" for the server's
     broadcast (fedmpi.rng.PURPOSES), so the two never share a stream.
     """
 
