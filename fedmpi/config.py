@@ -346,6 +346,15 @@ def validate(cfg: Config) -> Config:
     need(cfg.prune == 0 or cfg.compress_down == "none",
          "--prune and --compress-down cannot be combined: pruning already sends the surviving "
          "weights and a mask; choose one")
+    # DP's noise is calibrated to the clip norm S: only compressors whose decoded update
+    # is never longer than what they encode (a subset of coordinates; signs scaled by the
+    # mean magnitude) keep that bound; error feedback adds old residuals and breaks it.
+    need(cfg.dp_clip is None or cfg.compress in ("none", "topk", "sign")
+         and not cfg.error_feedback,
+         f"--dp-clip with --compress {cfg.compress}"
+         f"{' --error-feedback' if cfg.error_feedback else ''}: the decoded update can be "
+         "longer than the clip norm, which breaks the privacy guarantee; with DP use "
+         "--compress topk or sign, without --error-feedback")
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
                  "aggregator", "client_sampling", "client_weighting", "sampling",
                  "dp_accountant", "compress", "compress_down", "qsgd_coding"):

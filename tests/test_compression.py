@@ -366,59 +366,73 @@ def _cfg(**kw):
     return Config(**kw)
 
 
-def test_uplink_weighted_sum_in_given_order_and_error_feedback():
-    from fedmpi.compression.stages import Uplink
+def _ctx(rnd, client, params=None, state=None):
+    from fedmpi.pipeline import ClientContext
 
-    up = Uplink(_cfg(compress="topk", compress_ratio=0.1, error_feedback=True, seed=3))
-    xs = [_vec(300, seed=20 + c) for c in range(3)]
-    bufs, residuals = [], []
-    for c, x in enumerate(xs):
-        buf, res = up.client(x, c, rnd=1, residual=None)
-        bufs.append(buf)
-        residuals.append(res)
-        np.testing.assert_array_equal(res + C.decode(buf), x)  # nothing lost
-    w = np.array([0.5, 0.25, 0.25])
-    expected = sum(wk * C.decode(b).astype(np.float64) for wk, b in zip(w, bufs))
-    np.testing.assert_array_equal(Uplink.weighted_sum(bufs, w), expected)
-    # The next round's update carries the residual.
-    buf2, _ = up.client(xs[0], 0, rnd=2, residual=residuals[0])
-    assert np.array_equal(C.decode(buf2), C.decode(C.make_codec("topk", ratio=0.1).encode(
-        xs[0] + residuals[0])))
+    return ClientContext(rnd, client, 3, params or {}, state=state)
 
 
-def test_downlink_one_shot_pruning_persists():
-    from fedmpi.compression.stages import Downlink
+def test_compress_stage_error_feedback_and_checkpoint():
+    from fedmpi.compression.stages import Compress
+
+    model = MLP((20, 10, 3))
+    p = model.num_params
+    stage = Compress(_cfg(compress="topk", compress_ratio=0.1, error_feedback=True), model)
+    assert stage.encodes and stage.client_state == "ef_residual"
+    x = _vec(p, seed=20)
+    ctx = _ctx(1, 4, state=np.zeros(p, np.float32))  # a client's first round: zero residual
+    stage.client(x.copy(), ctx)
+    np.testing.assert_array_equal(ctx.state + stage.decode(ctx.payload), x)  # nothing lost
+    residual = ctx.state.copy()
+    ctx2 = _ctx(2, 4, state=ctx.state)
+    stage.client(x.copy(), ctx2)
+    ref = C.make_codec("topk", ratio=0.1).encode(x + residual)
+    np.testing.assert_array_equal(stage.decode(ctx2.payload), C.decode(ref))
+    stage.store.put(4, ctx2.state)
+    again = Compress(_cfg(compress="topk", compress_ratio=0.1, error_feedback=True), model)
+    again.load_state({k: np.array(v) for k, v in stage.state().items()})
+    np.testing.assert_array_equal(again.store.get(4), ctx2.state)
+    plain = Compress(_cfg(compress="qsgd"), model)
+    assert plain.client_state is None and plain.state() == {}
+
+
+def test_broadcast_one_shot_pruning_persists():
+    from fedmpi.compression.stages import Broadcast
 
     model = MLP((30, 20, 5))
-    down = Downlink(_cfg(prune=0.5, prune_start=2, prune_end=2), model)
+    stage = Broadcast(_cfg(prune=0.5, prune_start=2, prune_end=2), model)
     old = _vec(model.num_params, seed=30)
     new = old.copy()
-    assert down.server(old, new, rnd=1) == 4 * model.num_params and down.mask is None
-    nbytes = down.server(old, new, rnd=2)
-    kept = int(down.mask.sum())
+    assert stage.downlink(old, new, rnd=1) is None and stage.mask is None
+    assert stage.round_params(2) == {}
+    nbytes = stage.downlink(old, new, rnd=2)
+    kept = int(stage.mask.sum())
     assert kept == model.num_params - (30 * 20 // 2 + 20 * 5 // 2)
     assert nbytes == 8 + math.ceil(model.num_params / 8) + 4 * kept
-    assert down.weight_sparsity() == pytest.approx(0.5)
-    assert np.all(new[~down.mask] == 0)
+    assert stage.weight_sparsity() == pytest.approx(0.5)
+    assert np.all(new[~stage.mask] == 0)
+    # Clients get the mask with the round's parameters and zero their updates there.
     update = np.ones(model.num_params, np.float32)
-    down.mask_update(update)  # clients' updates are zero where pruned
+    stage.client(update, _ctx(3, 0, params={"broadcast": stage.round_params(3)}))
+    assert np.array_equal(update, stage.mask.astype(np.float32))
     again = new + update
-    down.server(new, again, rnd=3)
-    assert np.all(again[~down.mask] == 0) and np.array_equal(again[down.mask], new[down.mask] + 1)
-    restored = Downlink(_cfg(prune=0.5, prune_start=2, prune_end=2), model)
-    restored.load_state(down.state())
-    assert np.array_equal(restored.mask, down.mask) and restored.sparsity == 0.5
+    stage.downlink(new, again, rnd=3)
+    assert np.all(again[~stage.mask] == 0) and np.array_equal(again[stage.mask],
+                                                               new[stage.mask] + 1)
+    restored = Broadcast(_cfg(prune=0.5, prune_start=2, prune_end=2), model)
+    restored.load_state(stage.state())
+    assert np.array_equal(restored.mask, stage.mask) and restored.sparsity == 0.5
 
 
-def test_downlink_fp16_sends_the_model_change():
-    from fedmpi.compression.stages import Downlink
+def test_broadcast_fp16_sends_the_model_change():
+    from fedmpi.compression.stages import Broadcast
 
     model = MLP((10, 4))
-    down = Downlink(_cfg(compress_down="fp16"), model)
+    stage = Broadcast(_cfg(compress_down="fp16"), model)
     old = _vec(model.num_params, seed=31)
     new = old + _vec(model.num_params, seed=32) * np.float32(1e-3)
     change = new - old
-    assert down.server(old, new, rnd=1) == 8 + 2 * model.num_params
+    assert stage.downlink(old, new, rnd=1) == 8 + 2 * model.num_params
     np.testing.assert_array_equal(new, old + change.astype(np.float16).astype(np.float32))
 
 
@@ -430,9 +444,14 @@ def test_compression_warnings_and_config_errors():
     assert any("harmless" in w for w in warnings_for(_cfg(compress="qsgd", error_feedback=True)))
     assert any("biased" in w for w in warnings_for(_cfg(compress="sign")))
     assert warnings_for(_cfg(compress="topk", error_feedback=True)) == []
+    from_dict({"dp_clip": "1", "dp_noise_multiplier": "1", "compress": "sign"})  # allowed
     for bad, msg in [({"compress_ratio": "0"}, r"\(0, 1\]"), ({"compress_ratio": "1.5"}, r"\(0, 1\]"),
                      ({"compress_bits": "0"}, "1..16"), ({"compress_bits": "17"}, "1..16"),
                      ({"prune": "1"}, r"\[0, 1\)"), ({"compress": "zip"}, "unknown"),
-                     ({"prune": "0.5", "compress_down": "fp16"}, "cannot be combined")]:
+                     ({"prune": "0.5", "compress_down": "fp16"}, "cannot be combined"),
+                     ({"dp_clip": "1", "dp_noise_multiplier": "1", "compress": "qsgd"},
+                      "breaks the privacy guarantee"),
+                     ({"dp_clip": "1", "dp_noise_multiplier": "1", "compress": "topk",
+                       "error_feedback": True}, "without --error-feedback")]:
         with pytest.raises(UserError, match=msg):
             from_dict(bad)
