@@ -31,7 +31,7 @@ from fedmpi.compression.wire import Key, check_update, f32_bytes, header, u32
 DEFAULT_BUCKET = 512  # the paper's bucket size for its 4- and 8-bit experiments
 CODINGS = ("elias", "fixed")
 ID = 3
-_MAX_BUCKET = 1 << 24  # keeps every Elias code of a gap within 49 bits of a 64-bit window
+_MAX_BUCKET = 1 << 24  # keeps every Elias code (a gap) within the 57-bit read window
 
 
 @njit(cache=True)
@@ -97,11 +97,16 @@ def _encode(x, d, bits, u, norms, out, elias):
                 if levels[j] != 0:
                     gap = j - prev
                     prev = j
-                    acc, have, pos = _put(out, acc, have, pos, gap, _gamma_width(gap))
-                    # sign bit, then gamma(level): one field of at most 32 bits
-                    w = _gamma_width(levels[j])
-                    sign = np.int64(1 if x[lo + j] < 0 else 0)
-                    acc, have, pos = _put(out, acc, have, pos, (sign << w) | levels[j], w + 1)
+                    # gamma(gap), the sign bit, gamma(level): one field when it fits
+                    wg = _gamma_width(gap)
+                    wl = _gamma_width(levels[j])
+                    tail = (np.int64(1 if x[lo + j] < 0 else 0) << wl) | levels[j]
+                    if wg + wl + 1 <= 56:
+                        acc, have, pos = _put(out, acc, have, pos, (gap << (wl + 1)) | tail,
+                                              wg + wl + 1)
+                    else:
+                        acc, have, pos = _put(out, acc, have, pos, gap, wg)
+                        acc, have, pos = _put(out, acc, have, pos, tail, wl + 1)
         else:
             for j in range(hi - lo):
                 acc, have, pos = _put(out, acc, have, pos,
@@ -112,30 +117,34 @@ def _encode(x, d, bits, u, norms, out, elias):
 
 
 @njit(cache=True)
-def _get(data, bitpos, width):
-    """(value of `width` <= 56 bits at bitpos, new bitpos), or (-1, -1) past the end."""
-    end = bitpos + width
-    if (end + 7) // 8 > data.shape[0]:
-        return -1, -1
-    v = np.uint64(0)
-    for i in range(bitpos >> 3, (end + 7) >> 3):  # at most 8 whole bytes
-        v = (v << np.uint64(8)) | np.uint64(data[i])
-    v >>= np.uint64(((end + 7) & ~7) - end)  # drop the bits after the field
-    v &= (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-    return np.int64(v), end
+def _refill(data, win, avail, pos):
+    """Top the bit window up to at least 57 bits (or to the end of data)."""
+    while avail <= 56 and pos < data.shape[0]:
+        win = (win << np.uint64(8)) | np.uint64(data[pos])
+        pos += 1
+        avail += 8
+    return win, avail, pos
 
 
 @njit(cache=True)
-def _get_gamma(data, bitpos):
+def _take(win, avail, width):
+    """The next `width` bits of the window (its low `avail` bits are unread)."""
+    v = (win >> np.uint64(avail - width)) & ((np.uint64(1) << np.uint64(width)) - np.uint64(1))
+    return np.int64(v), avail - width
+
+
+@njit(cache=True)
+def _gamma(data, win, avail, pos):
+    """(value, win, avail, pos) of the next Elias gamma code; value -1 if corrupt."""
+    win, avail, pos = _refill(data, win, avail, pos)
     zeros = 0
-    while True:
-        if (bitpos >> 3) >= data.shape[0] or zeros > 48:
-            return -1, -1
-        if (data[bitpos >> 3] >> (7 - (bitpos & 7))) & 1:
-            break
+    while zeros < avail and ((win >> np.uint64(avail - 1 - zeros)) & np.uint64(1)) == 0:
         zeros += 1
-        bitpos += 1
-    return _get(data, bitpos, zeros + 1)
+    width = 2 * zeros + 1
+    if zeros > 28 or width > avail:  # no code of ours is that long: the data is corrupt
+        return -1, win, avail, pos
+    v, avail = _take(win, avail, width)
+    return v, win, avail, pos
 
 
 @njit(cache=True)
@@ -143,36 +152,42 @@ def _decode(data, d, bits, norms, out, elias):
     """Fill out from the stream; returns bytes consumed, or -1 if the stream is corrupt."""
     p = out.shape[0]
     s = (1 << bits) - 1
-    bitpos = 0
+    win = np.uint64(0)
+    avail = 0
+    pos = 0
     out[:] = 0.0
     for b in range(norms.shape[0]):
         lo = b * d
         hi = min(p, lo + d)
         unit = norms[b] / np.float32(s)
         if elias:
-            m, bitpos = _get_gamma(data, bitpos)
+            m, win, avail, pos = _gamma(data, win, avail, pos)
             if m < 1 or m - 1 > hi - lo:
                 return -1
             j = -1
             for _ in range(m - 1):
-                gap, bitpos = _get_gamma(data, bitpos)
+                gap, win, avail, pos = _gamma(data, win, avail, pos)
                 if gap < 1:
                     return -1
                 j += gap
-                neg, bitpos = _get(data, bitpos, 1)
-                level, bitpos = _get_gamma(data, bitpos)
-                if j >= hi - lo or neg < 0 or level < 1 or level > s:
+                win, avail, pos = _refill(data, win, avail, pos)
+                if avail < 1:
+                    return -1
+                neg, avail = _take(win, avail, 1)
+                level, win, avail, pos = _gamma(data, win, avail, pos)
+                if j >= hi - lo or level < 1 or level > s:
                     return -1
                 v = np.float32(level) * unit
                 out[lo + j] = -v if neg else v
         else:
             for i in range(lo, hi):
-                field, bitpos = _get(data, bitpos, bits + 1)
-                if field < 0:
+                win, avail, pos = _refill(data, win, avail, pos)
+                if avail < bits + 1:
                     return -1
+                field, avail = _take(win, avail, bits + 1)
                 v = np.float32(field >> 1) * unit
                 out[i] = -v if field & 1 else v
-    return (bitpos + 7) // 8
+    return pos - avail // 8  # bytes fetched minus whole bytes left unread (the padding)
 
 
 class QSGD:
