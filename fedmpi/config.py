@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -346,6 +347,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.prune == 0 or cfg.compress_down == "none",
          "--prune and --compress-down cannot be combined: pruning already sends the surviving "
          "weights and a mask; choose one")
+    need(cfg.client_state_dir is None or os.path.isdir(cfg.client_state_dir),
+         f"--client-state-dir {cfg.client_state_dir}: no such directory; create it or name "
+         "an existing one")
     # DP's noise is calibrated to the clip norm S: only compressors whose decoded update
     # is never longer than what they encode (a subset of coordinates; signs scaled by the
     # mean magnitude) keep that bound; error feedback adds old residuals and breaks it.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 
 import numpy as np
 
@@ -51,26 +52,31 @@ class ClientStateStore:
         self.name = name
         self._slot: dict[int, int] = {}  # client id -> row of self._rows
         self._ids: list[int] = []  # slot -> client id (insertion order)
-        self._dir = tempfile.mkdtemp(prefix=f"fedmpi-{name}-", dir=spill_dir) \
-            if spill_dir is not None else None
+        self._spill_dir = spill_dir
+        self._dir: str | None = None  # made at the first write (a rank that never stores
+        # anything leaves nothing behind) and removed by close() or at exit
+        self._cleanup = None
         self._rows = np.zeros((0, self.num_params), _DTYPE)
 
     # -- storage ---------------------------------------------------------------
 
     @property
     def spilled(self) -> bool:
-        return self._dir is not None
+        return self._spill_dir is not None
 
     def _grow(self, rows_needed: int) -> None:
         capacity = self._rows.shape[0]
         if rows_needed <= capacity:
             return
         new = max(_MIN_CAPACITY, 2 * capacity, rows_needed)
-        if self._dir is None:
+        if self._spill_dir is None:
             # np.zeros maps fresh zero pages: unused capacity costs no RAM.
             rows = np.zeros((new, self.num_params), _DTYPE)
             rows[:capacity] = self._rows
         else:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix=f"fedmpi-{self.name}-", dir=self._spill_dir)
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
             path = os.path.join(self._dir, "rows.f32")
             with open(path, "ab") as f:
                 f.truncate(new * self.num_params * _DTYPE.itemsize)  # sparse: no disk used yet
@@ -189,7 +195,8 @@ class ClientStateStore:
 
     def describe(self, num_clients: int | None = None) -> str:
         """One line of memory cost: per client, now, and for `num_clients` clients."""
-        where = f"spilled to {self._dir}" if self._dir else "in memory"
+        where = (f"spilled to a memory-mapped file under {self._spill_dir}" if self.spilled
+                 else "in memory")
         line = (f"client state {self.name!r}: {_fmt_bytes(self.bytes_per_client)} per client "
                 f"({self.num_params} float32); {len(self)} clients hold a row: "
                 f"{_fmt_bytes(self.nbytes)} ({where})")
@@ -203,10 +210,6 @@ class ClientStateStore:
         self._rows = np.zeros((0, self.num_params), _DTYPE)
         self._slot.clear()
         self._ids.clear()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def __del__(self):
-        if getattr(self, "_dir", None) is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()  # removes the spill directory
+            self._dir = self._cleanup = None

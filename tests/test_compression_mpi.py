@@ -81,25 +81,33 @@ def test_pruned_weights_stay_zero(ef_runs):
 
 def test_resume_continues_bitwise(tmp_path, ef_runs):
     out, _ = _run(tmp_path, "resumed", EF_PRUNE, ranks=3, rounds=2)
-    res = launch_fedmpi([*SMALL_SYNTHETIC, "--rounds", "4", *EF_PRUNE, "--resume", str(out)],
-                        ranks=1, timeout=240)
+    # The second half keeps its residuals in a memory-mapped file: same results.
+    res = launch_fedmpi([*SMALL_SYNTHETIC, "--rounds", "4", *EF_PRUNE, "--resume", str(out),
+                         "--client-state-dir", str(tmp_path)], ranks=1, timeout=240)
     assert res.returncode == 0, describe(res)
     rounds, clients, params, _ = _read(out)
     assert np.array_equal(params, ef_runs[1][2])
     assert np.array_equal(rounds["bytes_up"], ef_runs[1][0]["bytes_up"])
+    assert "spilled to" in res.stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("fedmpi-")] == []  # removed
 
 
-@pytest.mark.parametrize("args", [
-    ["--compress", "qsgd", "--compress-bits", "4", "--aggregator", "median"],
-    ["--compress", "sign", "--error-feedback", "--aggregator", "trimmed_mean", "--trim", "0.2"],
-    ["--compress", "randk", "--compress-ratio", "0.2", "--compress-down", "qsgd"],
+@pytest.mark.parametrize("args,length", [
+    (["--compress", "qsgd", "--compress-bits", "4", "--aggregator", "median"], None),
+    (["--compress", "sign", "--error-feedback", "--aggregator", "trimmed_mean", "--trim", "0.2"],
+     lambda p: 8 + 4 + math.ceil(p / 8)),  # header, scale, one bit per coordinate
+    (["--compress", "randk", "--compress-ratio", "0.2", "--compress-down", "qsgd"],
+     lambda p: 8 + 4 + 16 + 4 * math.ceil(0.2 * p)),  # header, k, key, k values
 ])
-def test_other_compressors_and_robust_aggregators_at_1_and_3_ranks(tmp_path, args):
+def test_other_compressors_and_robust_aggregators_at_1_and_3_ranks(tmp_path, args, length):
     a = _read(_run(tmp_path, "a", args, ranks=1, rounds=2)[0])
     b = _read(_run(tmp_path, "b", args, ranks=3, rounds=2)[0])
     assert np.array_equal(a[2], b[2])
     assert np.all(np.isfinite(a[0]["test_loss"]))
-    assert np.all(a[0]["bytes_up"] < a[0]["num_clients"] * 4 * a[2].size)
+    p = a[2].size
+    assert np.all(a[0]["bytes_up"] < a[0]["num_clients"] * 4 * p)
+    if length is not None:
+        assert np.all(a[1]["bytes_up"] == length(p))
 
 
 def test_downlink_fp16_bytes_and_a_warning(tmp_path):
