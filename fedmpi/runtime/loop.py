@@ -387,15 +387,15 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 # client-id order and summed in that order, whoever trained them
                 got = C.gather_bytes(comm, payloads, counts)
                 if root:
-                    decoded = np.zeros((len(clients), model.num_params), np.float32)
-                    for j, k in enumerate(np.argsort(np.concatenate(by_rank))):
-                        decoded[j] = pipeline.decode(got[k])
+                    in_id_order = np.argsort(np.concatenate(by_rank))
                     if algo.needs_each_update:
-                        combined = algo.combine(decoded)
-                    else:
+                        combined = algo.combine(np.array(
+                            [pipeline.decode(got[k]) for k in in_id_order], np.float32
+                        ).reshape(len(clients), model.num_params))
+                    else:  # one decoded update in memory at a time
                         combined = np.zeros(model.num_params)
-                        for j in range(len(clients)):
-                            combined += weights[j] * decoded[j]
+                        for j, k in enumerate(in_id_order):
+                            combined += weights[j] * pipeline.decode(got[k])
             elif algo.needs_each_update:
                 in_order = C.gather_in_client_order(comm, updates, by_rank)
                 if root:
