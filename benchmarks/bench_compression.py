@@ -112,8 +112,8 @@ def main(argv=None):
             else:
                 factor, which = target
                 got = red_up if which == "up" else red_down
-                ok = got >= factor and gap <= gap_target
-                verdict = f"{'met' if ok else 'MISSED'} (>= {factor}x {which})"
+                verdict = (f"bytes {'met' if got >= factor else 'MISSED'} (>= {factor}x "
+                           f"{which}), accuracy {'met' if gap <= gap_target else 'MISSED'}")
                 gap_txt = f"<= {gap_target}"
             print(f"| {name} | {r['final']:.4f} | {r['last10']:.4f} | {gap:+.2f} | {gap_txt} | "
                   f"{r['up'] / 1e6:.1f} MB | {red_up:.1f}x | {r['down'] / 1e6:.1f} MB | "
