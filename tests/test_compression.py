@@ -392,6 +392,12 @@ def test_compress_stage_error_feedback_and_checkpoint():
     again = Compress(_cfg(compress="topk", compress_ratio=0.1, error_feedback=True), model)
     again.load_state({k: np.array(v) for k, v in stage.state().items()})
     np.testing.assert_array_equal(again.store.get(4), ctx2.state)
+    from fedmpi.errors import UserError
+
+    bad = dict(stage.state())
+    bad["ef_residual_rows"] = bad["ef_residual_rows"][:, :-1]  # damaged checkpoint
+    with pytest.raises(UserError, match="malformed"):
+        again.load_state(bad)
     plain = Compress(_cfg(compress="qsgd"), model)
     assert plain.client_state is None and plain.state() == {}
 

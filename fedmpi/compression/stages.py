@@ -18,7 +18,8 @@ from fedmpi.compression import codecs, prune
 from fedmpi.compression.error_feedback import compress_with_feedback
 from fedmpi.compression.wire import Key
 from fedmpi.model.mlp import MLP
-from fedmpi.pipeline import Stage
+from fedmpi.errors import UserError
+from fedmpi.pipeline import Stage, restore
 from fedmpi.state import ClientStateStore
 
 
@@ -95,9 +96,19 @@ class Compress(Stage):
                 f"{self.client_state}_rows": arrays["rows"]}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        if self.store is not None and f"{self.client_state}_ids" in arrays:
-            self.store.load({"ids": arrays[f"{self.client_state}_ids"],
-                             "rows": arrays[f"{self.client_state}_rows"]})
+        if self.store is None:
+            return
+        ids = arrays.get(f"{self.client_state}_ids")
+        rows = arrays.get(f"{self.client_state}_rows")
+        p = self.store.num_params
+        if (ids is None or rows is None or ids.dtype != np.int64 or ids.ndim != 1
+                or rows.dtype != np.float32 or rows.shape != (ids.size, p)
+                or np.unique(ids).size != ids.size):
+            raise UserError(  # checkpoint files are untrusted input
+                f"the checkpoint's {self.client_state}_ids/_rows are missing or malformed, "
+                f"but error feedback needs int64 ids (n,) and float32 rows (n, {p}): the file "
+                "is damaged or from another configuration")
+        self.store.load({"ids": ids, "rows": rows})
 
 
 class Broadcast(Stage):
@@ -180,11 +191,14 @@ class Broadcast(Stage):
                 "prune_sparsity": np.array(self.sparsity)}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        if "prune_mask" in arrays:
-            self.mask = np.unpackbits(np.asarray(arrays["prune_mask"], np.uint8),
-                                      count=self.model.num_params,
+        if "prune_mask" in arrays:  # absent: pruning had not started at the checkpoint
+            packed = np.zeros(-(-self.model.num_params // 8), np.uint8)
+            restore(packed, arrays, "prune_mask", "pruning")
+            sparsity = np.zeros((), np.float64)
+            restore(sparsity, arrays, "prune_sparsity", "pruning")
+            self.mask = np.unpackbits(packed, count=self.model.num_params,
                                       bitorder="little").astype(bool)
-            self.sparsity = float(arrays["prune_sparsity"])
+            self.sparsity = float(sparsity)
 
 
 def stages_for(cfg, model: MLP) -> tuple[list[Stage], list[Stage]]:
