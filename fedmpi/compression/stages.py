@@ -188,17 +188,17 @@ class Broadcast(Stage):
         if self.mask is None:
             return {}
         return {"prune_mask": np.packbits(self.mask, bitorder="little"),
-                "prune_sparsity": np.array(self.sparsity)}
+                "prune_sparsity": np.array([self.sparsity])}  # 1-D: what checkpoints hold
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         if "prune_mask" in arrays:  # absent: pruning had not started at the checkpoint
             packed = np.zeros(-(-self.model.num_params // 8), np.uint8)
             restore(packed, arrays, "prune_mask", "pruning")
-            sparsity = np.zeros((), np.float64)
+            sparsity = np.zeros(1, np.float64)
             restore(sparsity, arrays, "prune_sparsity", "pruning")
             self.mask = np.unpackbits(packed, count=self.model.num_params,
                                       bitorder="little").astype(bool)
-            self.sparsity = float(sparsity)
+            self.sparsity = float(sparsity[0])
 
 
 def stages_for(cfg, model: MLP) -> tuple[list[Stage], list[Stage]]:
