@@ -46,6 +46,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from common import cpu_model  # noqa: E402  benchmarks/common.py (scripts run from benchmarks/)
+
 SIZES = (784, 200, 200, 10)
 FLOP_PER_SAMPLE = 2 * sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:])) * 3
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -264,17 +266,6 @@ def openblas_core():
                 fn.restype = ctypes.c_char_p
                 return fn().decode()
     return "unknown"
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -35,6 +36,9 @@ SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("auto", "rdp", "pld")
 SECURE_AGGREGATIONS = ("none", "secagg", "secagg+", "he")
 INITS = ("glorot_uniform", "he_uniform")
+COMPRESSORS = ("none", "topk", "randk", "qsgd", "sign", "fp16")
+DOWN_COMPRESSORS = ("none", "fp16", "qsgd")
+QSGD_CODINGS = ("elias", "fixed")
 
 
 def _opt(help_, choices=None, flag=None):
@@ -144,6 +148,33 @@ class Config:
         "share holders needed to unmask (Shamir t): of the K sampled clients for secagg, of "
         "a client and its neighbours for secagg+; default ceil(2/3) of them; a round with "
         "fewer survivors is skipped"))
+    # communication compression (fedmpi/compression/)
+    compress: str = field(default="none", metadata=_opt(
+        "uplink compression of each client update: topk, randk (--compress-ratio), qsgd "
+        "(--compress-bits), sign (EF-SignSGD with --error-feedback), fp16", COMPRESSORS))
+    compress_ratio: float = field(default=0.01, metadata=_opt(
+        "fraction of coordinates topk / randk send, in (0, 1]"))
+    compress_bits: int = field(default=8, metadata=_opt(
+        "qsgd bits per level, 1..16 (2^bits - 1 levels per bucket)"))
+    compress_bucket: int = field(default=512, metadata=_opt(
+        "qsgd bucket size (512 as in Alistarh et al.'s experiments)"))
+    qsgd_coding: str = field(default="elias", metadata=_opt(
+        "qsgd levels as Elias codes (the paper's, shorter) or fixed width", QSGD_CODINGS))
+    error_feedback: bool = field(default=False, metadata=_opt(
+        "each client adds what compression dropped to its next update (needed by topk, sign)"))
+    compress_down: str = field(default="none", metadata=_opt(
+        "compression of the server's broadcast (the model change): fp16 or qsgd",
+        DOWN_COMPRESSORS))
+    prune: float = field(default=0.0, metadata=_opt(
+        "fraction of each layer's weights pruned by magnitude (biases kept), in [0, 1)"))
+    prune_start: int = field(default=1, metadata=_opt(
+        "round after whose server step pruning starts (one-shot if --prune-end is the same)"))
+    prune_end: int = field(default=1, metadata=_opt(
+        "round from which the full --prune sparsity holds (Zhu & Gupta's cubic schedule "
+        "between --prune-start and this)"))
+    client_state_dir: str | None = field(default=None, metadata=_opt(
+        "keep per-client state (error-feedback residuals) in a memory-mapped file under DIR "
+        "instead of RAM"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -204,8 +235,10 @@ class Config:
 
 FIELDS = {f.name: f for f in fields(Config)}
 # Settings that say where and how a run is executed, not what it computes: they
-# never make two runs different (analysis, sweeps) and may change on resume.
-EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every", "round_timeout")
+# never make two runs different (analysis, sweeps) and may change on resume
+# (client_state_dir: where per-client state lives does not change results).
+EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every", "round_timeout",
+                  "client_state_dir")
 # ... and more rounds extend a finished run.
 RESUMABLE = frozenset(EXECUTION_KEYS + ("rounds",))
 
@@ -320,12 +353,41 @@ def validate(cfg: Config) -> Config:
          "--sampling poisson draws each client with the same probability: it has no "
          "--client-sampling proportional variant")
     _validate_dp(cfg, need)
+    need(0 < cfg.compress_ratio <= 1,
+         f"--compress-ratio must be in (0, 1] (got {cfg.compress_ratio})")
+    need(1 <= cfg.compress_bits <= 16, f"--compress-bits must be in 1..16 (got {cfg.compress_bits})")
+    need(1 <= cfg.compress_bucket <= 2**24,
+         f"--compress-bucket must be in 1..16777216 (got {cfg.compress_bucket})")
+    need(0 <= cfg.prune < 1, f"--prune must be in [0, 1) (got {cfg.prune})")
+    need(1 <= cfg.prune_start <= cfg.prune_end,
+         f"--prune-start ({cfg.prune_start}) must be at least 1 and at most --prune-end "
+         f"({cfg.prune_end})")
+    need(cfg.prune == 0 or cfg.compress_down == "none",
+         "--prune and --compress-down cannot be combined: pruning already sends the surviving "
+         "weights and a mask; choose one")
+    need(cfg.client_state_dir is None or os.path.isdir(cfg.client_state_dir),
+         f"--client-state-dir {cfg.client_state_dir}: no such directory; create it or name "
+         "an existing one")
+    # DP's noise is calibrated to the clip norm S: only compressors whose decoded update
+    # is never longer than what they encode (a subset of coordinates; signs scaled by the
+    # mean magnitude) keep that bound; error feedback adds old residuals and breaks it.
+    need(cfg.dp_clip is None or cfg.compress in ("none", "topk", "sign")
+         and not cfg.error_feedback,
+         f"--dp-clip with --compress {cfg.compress}"
+         f"{' --error-feedback' if cfg.error_feedback else ''}: the decoded update can be "
+         "longer than the clip norm, which breaks the privacy guarantee; with DP use "
+         "--compress topk or sign, without --error-feedback")
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
                  "aggregator", "client_sampling", "client_weighting", "sampling",
-                 "dp_accountant"):
+                 "dp_accountant", "compress", "compress_down", "qsgd_coding"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
+    need(cfg.secure_aggregation == "none" or cfg.compress == "none",
+         f"--secure-aggregation {cfg.secure_aggregation} with --compress {cfg.compress}: "
+         "masks and ciphertexts add only the exact-sum encoding of each update, while "
+         "compressed updates (top-k indices, signs, quantised buckets with their own scales) "
+         "do not add up; use one or the other")
     if cfg.secure_aggregation != "none" or cfg.secagg_threshold is not None:
         from fedmpi.privacy import secagg  # refuses bad thresholds, robust aggregators, he without TenSEAL
         secagg.plan(cfg.secure_aggregation, cfg.clients_per_round, cfg.secagg_threshold, cfg.aggregator)
@@ -387,7 +449,9 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.dp_clip is not None and cfg.dp_noise_multiplier == 0 and cfg.dp_target_epsilon is None:
         out.append("--dp-noise-multiplier 0: updates are clipped but not noised, so there is "
                    "no privacy guarantee (epsilon = inf)")
-    return out
+    from fedmpi.compression.stages import warnings_for as compression_warnings
+
+    return out + compression_warnings(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,10 @@ MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
     "secure_server_seconds": (
         "s", "Seconds rank 0 spent in secure-aggregation cryptography (routing, unmasking, "
         "adding ciphertexts)"),
+    # compression (--prune)
+    "weight_sparsity": (
+        "1", "Fraction of the weights (biases excluded) pruned in the model this round's "
+        "clients trained (--prune)"),
 }
 
 MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
@@ -105,6 +109,9 @@ MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "secure_bytes": (
         "bytes", "Bytes the client sent plus received in the secure-aggregation protocol (all "
         "phases; for he, its ciphertexts)"),
+    "bytes_up": (
+        "bytes", "Length of the client's encoded update, the buffer that crossed MPI "
+        "(--compress)"),
 }
 
 FLAT_LAYOUT = (

@@ -12,7 +12,15 @@ new stage, never a branch in the loop.
 
 State lives on the server (rank 0). What clients need from it in a round
 (a clip norm, ...) is the stage's `round_params`, broadcast at the start of
-the round as small control data.
+the round as small control data. Per-client state that a client carries
+between its rounds (error-feedback residuals) is a row of a ClientStateStore
+(fedmpi/state.py) kept on rank 0; the runtime hands the row to the rank that
+trains the client (ctx.state) and brings it back.
+
+A stage that `encodes` turns the update into bytes (ctx.payload: compression);
+then those bytes travel to rank 0 instead of the float update and rank 0
+decodes them in client-id order. After the server step, `downlink` may change
+what is broadcast (pruning, compression) and says how many bytes it takes.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ class ClientContext:
     seed: int
     params: dict  # this round's parameters from every stage's round_params, by stage name
     metrics: dict = field(default_factory=dict)  # per-client metrics the stage fills
+    # the client's row of the state store (float32 (P,), zeros before the client's
+    # first round; updated in place), for the stage with `client_state`
+    state: np.ndarray | None = None
+    payload: np.ndarray | None = None  # uint8 bytes an `encodes` stage made of the update
 
 
 @dataclass
@@ -57,6 +69,11 @@ class Stage:
     # clients per round instead of normalising sample weights (DP needs it:
     # data-dependent weights break the sensitivity bound)
     fixed_denominator = False
+    # name of the per-client state this stage keeps (its `store`, a ClientStateStore on
+    # rank 0), or None
+    client_state: str | None = None
+    # True if client() leaves ctx.payload (bytes) that replaces the update in transport
+    encodes = False
 
     def round_params(self, rnd: int) -> dict:
         return {}
@@ -67,6 +84,18 @@ class Stage:
     def server(self, mean: np.ndarray, ctx: ServerContext) -> np.ndarray:
         """Transform the float64 combined update; return it (or a new array)."""
         return mean
+
+    def decode(self, payload: np.ndarray) -> np.ndarray:
+        """rank 0: the float32 update an `encodes` stage's payload carries."""
+        raise NotImplementedError
+
+    def downlink(self, old: np.ndarray, new: np.ndarray, rnd: int) -> int | None:
+        """rank 0, after the server step: change `new` (float32, in place) into what the
+        clients receive; bytes per client of that broadcast, or None (a float32 model)."""
+        return None
+
+    def warm_up(self, update: np.ndarray) -> None:
+        """Compile the stage's kernels on a throwaway float32 update (no state changes)."""
 
     def state(self) -> dict[str, np.ndarray]:
         """Server state to checkpoint (names must be unique across stages)."""
@@ -102,6 +131,15 @@ class Pipeline:
         self.client_columns = tuple(c for s in self.stages for c in s.client_columns)
         self.round_columns = tuple(c for s in self.stages for c in s.round_columns)
         self.fixed_denominator = any(s.fixed_denominator for s in self.stages)
+        encoders = [s for s in self.stages if s.encodes]
+        if len(encoders) > 1 or (encoders and encoders[0] is not self.stages[-1]):
+            raise ValueError("only the last stage may encode updates into bytes")
+        self.encoder = encoders[0] if encoders else None
+        # the stage that keeps per-client state (its `store` on rank 0), if any
+        stateful = [s for s in self.stages if s.client_state is not None]
+        if len(stateful) > 1:
+            raise ValueError("one stage at most may keep per-client state for now")
+        self.stateful = stateful[0] if stateful else None
 
     @property
     def has_round_params(self) -> bool:
@@ -124,12 +162,28 @@ class Pipeline:
         return raw / total if total > 0 else raw.astype(np.float64)
 
     def client(self, update: np.ndarray, rnd: int, client_id: int, seed: int,
-               params: dict) -> dict:
-        """Run the client-side stages on one update (in place); its metrics."""
-        ctx = ClientContext(rnd, client_id, seed, params)
+               params: dict, state: np.ndarray | None = None) -> ClientContext:
+        """Run the client-side stages on one update (in place); metrics, payload, state."""
+        ctx = ClientContext(rnd, client_id, seed, params, state=state)
         for s in self.stages:
             s.client(update, ctx)
-        return ctx.metrics
+        return ctx
+
+    def decode(self, payload: np.ndarray) -> np.ndarray:
+        return self.encoder.decode(payload)
+
+    def warm_up(self, update: np.ndarray) -> None:
+        for s in self.stages:
+            s.warm_up(update.copy())
+
+    def downlink(self, old: np.ndarray, new: np.ndarray, rnd: int) -> int:
+        """rank 0: what the stages make of the broadcast; its bytes per client."""
+        nbytes = 4 * new.size
+        for s in self.stages:
+            got = s.downlink(old, new, rnd)
+            if got is not None:
+                nbytes = got
+        return nbytes
 
     def server(self, mean: np.ndarray, rnd: int, clients: np.ndarray, client_metrics: dict,
                expected_clients: int, seed: int, params: dict) -> tuple[np.ndarray, dict]:
@@ -174,11 +228,14 @@ class Pipeline:
 
 def build(cfg, model, initial_params: np.ndarray) -> Pipeline:
     """The pipeline a configuration asks for (`initial_params`: the round-0 global model)."""
-    stages: list[Stage] = []
+    from fedmpi.compression.stages import stages_for as compression_stages
+
+    first, last = compression_stages(cfg, model)  # prune first, compress last
+    stages: list[Stage] = list(first)
     if cfg.dp_canaries:
         from fedmpi.privacy.canaries import Canaries
         stages.append(Canaries(cfg, model, initial_params))
     if cfg.dp_clip is not None:
         from fedmpi.privacy.dp import GaussianDP
         stages.append(GaussianDP(cfg, model))
-    return Pipeline(stages)
+    return Pipeline(stages + last)

@@ -277,7 +277,7 @@ class ResultsFile:
         return ds[()]
 
 
-_KIND_NAMES = {"iufb": "numbers", "iu": "integers", "f": "floats"}
+_KIND_NAMES = {"iufb": "numbers", "iuf": "numbers", "iu": "integers", "f": "floats"}
 
 
 def _is_int(value) -> bool:

@@ -27,6 +27,8 @@ PURPOSES = {
     "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
     "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round
     "secagg-dropout": 22,  # the protocol phase in which a failing client stops
+    "compress": 40,  # randk's coordinates, qsgd's stochastic rounding (uplink)
+    "compress-down": 41,  # the same for the server's broadcast (--compress-down)
 }
 
 

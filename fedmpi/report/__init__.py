@@ -7,6 +7,7 @@
         [--group-by KEY] --out acc.png|svg|pdf
     fedmpi-report clients results/run.h5 [--out clients.png|svg|pdf]
     fedmpi-report watch results/run.h5 [--interval 5]
+    fedmpi-report export results/run.h5 --format npz|onnx [--out FILE]
 
 RUN arguments are results files, globs (quote them to pass them through the
 shell; ``results/**/*.h5`` recurses) or directories (their ``*.h5``). Files of

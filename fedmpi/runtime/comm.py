@@ -185,6 +185,47 @@ def gather_in_client_order(comm: MPI.Comm, rows: np.ndarray,
     return stacked[np.argsort(ids, kind="stable")]
 
 
+def scatter_rows(comm: MPI.Comm, rows: np.ndarray | None, counts: list[int],
+                 width: int) -> np.ndarray:
+    """Rank 0's float32 rows (sum(counts), width), counts[r] of them to rank r (Scatterv)."""
+    out = np.empty((counts[comm.rank], width), np.float32)
+    send = None
+    if comm.rank == 0:
+        sizes = [c * width for c in counts]
+        send = [np.ascontiguousarray(rows, np.float32),
+                (sizes, np.cumsum([0] + sizes[:-1]).tolist()), MPI.FLOAT]
+    wait(comm.Iscatterv(send, [out, MPI.FLOAT], root=0), SHORT)
+    return out
+
+
+def gather_bytes(comm: MPI.Comm, buffers: list[np.ndarray],
+                 counts: list[int]) -> list[np.ndarray] | None:
+    """Every rank's uint8 buffers (any lengths) on rank 0, in rank order (two Gatherv).
+
+    counts[r] is how many buffers rank r sends, known to every rank. The
+    first Gatherv brings the lengths, the second the bytes, back to back.
+    """
+    lengths = np.array([b.size for b in buffers], np.int64)
+    all_lengths = None
+    recv = None
+    if comm.rank == 0:
+        all_lengths = np.empty(sum(counts), np.int64)
+        recv = [all_lengths, (counts, np.cumsum([0] + counts[:-1]).tolist()), MPI.INT64_T]
+    wait(comm.Igatherv([lengths, MPI.INT64_T], recv, root=0), SHORT)
+    send = np.concatenate(buffers) if buffers else np.zeros(0, np.uint8)
+    data = None
+    if comm.rank == 0:
+        ends = np.cumsum(all_lengths)
+        per_rank = np.split(all_lengths, np.cumsum(counts)[:-1])
+        sizes = [int(part.sum()) for part in per_rank]
+        data = np.empty(int(ends[-1]) if ends.size else 0, np.uint8)
+        recv = [data, (sizes, np.cumsum([0] + sizes[:-1]).tolist()), MPI.BYTE]
+    wait(comm.Igatherv([send, MPI.BYTE], recv, root=0), SHORT)
+    if comm.rank != 0:
+        return None
+    return np.split(data, ends[:-1]) if ends.size else []
+
+
 def allreduce_max(comm: MPI.Comm, buf: np.ndarray) -> None:
     """buf = elementwise max of every rank's buf, in place (exact)."""
     wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX))

@@ -211,7 +211,7 @@ def _summer(shared: C.NodeShared, root: bool, n: int):
 
 
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
-             indices: np.ndarray) -> None:
+             indices: np.ndarray, pipeline) -> None:
     """Compile every kernel the run uses, one rank of each node at a time.
 
     numba compiles on first call and caches the machine code on disk. Left
@@ -233,6 +233,7 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
                 aggregate.accumulate(acc, res.update, 0.5, 1.0)
                 aggregate.block_max_abs(res.update, np.zeros(aggregate.num_blocks(acc.shape[0])))
                 trainer.evaluate(params, 0, 1)
+                pipeline.warm_up(res.update)
             C.barrier(node)
     finally:
         node.Free()
@@ -326,7 +327,9 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     secure_sum = secure.SecureSum(cfg, comm, workers) if cfg.secure_aggregation != "none" else None
     # per-client statistics that travel to rank 0 with one Reduce: training, the
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
-    stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
+    # (and, before it, the size of each client's encoded update when a stage encodes)
+    stat_cols = ("train_loss", "seconds", *pipeline.client_columns,
+                 *(("bytes_up",) if pipeline.encoder else ()), "coarse")
     warned_coarse = False
     trainer = _trainer(cfg, model, data) if rank in workers else None
     C.barrier(comm)  # rank 0 sleeps while the others load numba (MPI_Win_allocate would spin)
@@ -372,7 +375,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     if first > 1:
         C.bcast(comm, params)  # the checkpoint's model, read by rank 0
     t_warm = time.perf_counter()
-    _warm_up(comm, algo, trainer, params, part.indices(0))
+    _warm_up(comm, algo, trainer, params, part.indices(0), pipeline)
     if root and time.perf_counter() - t_warm > 2.0:
         print(f"compiled the numba kernels in {time.perf_counter() - t_warm:.0f} s "
               "(cached for later runs)", flush=True)
@@ -395,6 +398,13 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             clients = sampled[~schedule.dropouts(sampled, cfg.dropout_rate, cfg.seed, rnd)]
             plan = schedule.assign(clients, sizes, len(workers))
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
+            by_rank = [plan[workers.index(r)] if r in workers else np.zeros(0, np.int64)
+                       for r in range(size)]
+            counts = [len(p) for p in by_rank]
+            state_rows = None  # per-client state (error-feedback residuals) of `mine`
+            if pipeline.stateful is not None:  # travels from rank 0 to the trainers and back
+                taken = pipeline.stateful.store.take(np.concatenate(by_rank))[0] if root else None
+                state_rows = C.scatter_rows(comm, taken, counts, model.num_params)
             weights = pipeline.weights(
                 np.array([algo.weight(int(sizes[c])) for c in clients.tolist()], np.float64),
                 cfg.clients_per_round)
@@ -406,16 +416,22 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             # last row: (count, sum) of signals workers noted, to stop at rank 0's safe point
             stats = np.zeros((len(clients) + 1, len(stat_cols)), np.float64)
             bounds = np.zeros(aggregate.num_blocks(model.num_params))
+            payloads = []  # encoded updates of `mine`, when a stage encodes
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
                 res = algo.client_update(trainer, params, part.indices(c),
                                          generator(cfg.seed, "shuffle", rnd, c))
                 updates[i] = res.update
-                metrics = pipeline.client(updates[i], rnd, c, cfg.seed, rparams)
+                ctx = pipeline.client(updates[i], rnd, c, cfg.seed, rparams,
+                                      None if state_rows is None else state_rows[i])
                 aggregate.block_max_abs(updates[i], bounds)  # also catches a diverged client
                 row = np.searchsorted(clients, c)
                 stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
-                stats[row, 2:-1] = [metrics[k] for k in pipeline.client_columns]
+                stats[row, 2:2 + len(pipeline.client_columns)] = [
+                    ctx.metrics[k] for k in pipeline.client_columns]
+                if pipeline.encoder is not None:
+                    payloads.append(ctx.payload)
+                    stats[row, -2] = ctx.payload.size  # bytes_up: the real buffer's length
 
             # 3. transport to rank 0: the exact sum, or every update for robust combiners
             C.allreduce_max(comm, bounds)
@@ -424,8 +440,21 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             except FloatingPointError:
                 raise UserError(f"training diverged in round {rnd}: a client's update is not "
                                 "finite; lower --lr (or --server-lr)") from None
-            if algo.needs_each_update:
-                by_rank = [plan[workers.index(r)] if r in workers else [] for r in range(size)]
+            if pipeline.encoder is not None:
+                # encoded updates: every client's bytes to rank 0 (Gatherv), decoded there in
+                # client-id order and summed in that order, whoever trained them
+                got = C.gather_bytes(comm, payloads, counts)
+                if root:
+                    in_id_order = np.argsort(np.concatenate(by_rank))
+                    if algo.needs_each_update:
+                        combined = algo.combine(np.array(
+                            [pipeline.decode(got[k]) for k in in_id_order], np.float32
+                        ).reshape(len(clients), model.num_params))
+                    else:  # one decoded update in memory at a time
+                        combined = np.zeros(model.num_params)
+                        for j, k in enumerate(in_id_order):
+                            combined += weights[j] * pipeline.decode(got[k])
+            elif algo.needs_each_update:
                 in_order = C.gather_in_client_order(comm, updates, by_rank)
                 if root:
                     combined = algo.combine(in_order)
@@ -446,6 +475,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 shared.sum_to_root(acc, total)
                 if root:
                     combined = aggregate.to_float(total, scales)
+            if state_rows is not None:
+                back = C.gather_rows(comm, state_rows, counts)
+                if root:
+                    pipeline.stateful.store.put_many(np.concatenate(by_rank), back)
             if not root:
                 stats[-1, :2] = signals.deferred_row()
             all_stats = np.zeros_like(stats) if root else None
@@ -457,8 +490,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                     combined, rnd, clients,
                     {k: all_stats[:-1, 2 + j] for j, k in enumerate(pipeline.client_columns)},
                     cfg.clients_per_round, cfg.seed, rparams)
+                old = params.copy()
                 if secure_sum is None or not secure_metrics["secure_skipped"]:
                     params = algo.server_step(params, update)
+                down_bytes = pipeline.downlink(old, params, rnd)  # pruning, compression
             shared.bcast_from_root(params)
 
             # 5. evaluation and results
@@ -477,6 +512,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                               if n_round else float("nan"))
                 coarse = int(all_stats[:-1, -1].sum())
+                bytes_up = (int(all_stats[:-1, -2].sum()) if pipeline.encoder is not None
+                            else len(clients) * nbytes)
                 if coarse and not warned_coarse:
                     warned_coarse = True
                     print(f"fedmpi: warning: round {rnd}: {coarse} update coordinates kept fewer "
@@ -493,7 +530,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
                         "train_loss": train_loss, "num_clients": len(clients),
                         "num_sampled": len(sampled), "num_samples": n_round, "seconds": seconds,
-                        "bytes_up": len(clients) * nbytes, "bytes_down": len(sampled) * nbytes,
+                        "bytes_up": bytes_up, "bytes_down": len(sampled) * down_bytes,
                         "fixed_point_coarse": coarse, **stage_metrics,
                         **(secure_metrics if secure_sum is not None else {}),
                     })

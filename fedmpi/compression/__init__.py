@@ -1,0 +1,1 @@
+"""Communication compression: codecs, error feedback, pruning (pure: no MPI, no I/O)."""
