@@ -48,6 +48,9 @@ class Config:
         "Synthetic(alpha,beta): how much the clients' models differ"))
     synthetic_beta: float = field(default=1.0, metadata=_opt(
         "Synthetic(alpha,beta): how much the clients' inputs differ"))
+    synthetic_mean_samples: float | None = field(default=None, metadata=_opt(
+        "synthetic: mean samples per client M, sizes 2 + Poisson(M-2) (default: FedProx's "
+        "lognormal, mean ~352); e.g. 20 for 100,000 small clients"))
     partition: str = field(default="auto", metadata=_opt(
         "how samples are split over clients; auto = natural for synthetic, iid otherwise",
         PARTITIONS))
@@ -246,6 +249,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.shards_per_client >= 1, f"--shards-per-client must be at least 1 (got {cfg.shards_per_client})")
     need(cfg.synthetic_alpha >= 0 and cfg.synthetic_beta >= 0,
          "--synthetic-alpha and --synthetic-beta must be non-negative")
+    need(cfg.synthetic_mean_samples is None or (math.isfinite(cfg.synthetic_mean_samples)
+                                                  and cfg.synthetic_mean_samples >= 2),
+         f"--synthetic-mean-samples must be a number >= 2 (got {cfg.synthetic_mean_samples})")
     need(cfg.eval_every >= 1, f"--eval-every must be at least 1 (got {cfg.eval_every})")
     need(cfg.seed >= 0, f"--seed must be non-negative (got {cfg.seed})")
     need(cfg.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every})")

@@ -50,6 +50,7 @@ def load_dataset(
     num_clients: int,
     synthetic_alpha: float = 1.0,
     synthetic_beta: float = 1.0,
+    synthetic_mean_samples: float | None = None,
 ) -> Dataset:
     """Load data set `name`: ``synthetic``, ``fashion-mnist``, ``mnist`` or ``npz:PATH``.
 
@@ -65,7 +66,8 @@ def load_dataset(
 
         if seed < 0:
             raise UserError(f"--seed must be a non-negative integer (got {seed})")
-        return load_synthetic(num_clients, seed, synthetic_alpha, synthetic_beta)
+        return load_synthetic(num_clients, seed, synthetic_alpha, synthetic_beta,
+                              synthetic_mean_samples)
     if name in ("fashion-mnist", "mnist"):
         from fedmpi.data.idx import load_idx
 

@@ -35,7 +35,7 @@ from fedmpi import pipeline as update_pipeline
 from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.config import warnings as config_warnings
-from fedmpi.data import Dataset, load_dataset
+from fedmpi.data import Dataset, footprint, load_dataset
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
 from fedmpi.model.mlp import MLP
@@ -96,14 +96,18 @@ def _plan_output(cfg: Config):
 def _load_shared(cfg: Config, comm: MPI.Comm):
     """The data set, read or generated once per node and shared by its ranks."""
     node_rank = C.node_comm(comm)
-    leader = node_rank.rank == 0
+    leader, ranks_on_node = node_rank.rank == 0, node_rank.size
     node_rank.Free()
     ds, error = None, None
     if leader:
-        try:
+        try:  # refuse a job that would not fit, rather than be killed while loading
+            footprint.check(footprint.estimate(cfg.dataset, num_clients=cfg.clients,
+                                               synthetic_mean_samples=cfg.synthetic_mean_samples),
+                            ranks_on_node, writes_results=comm.rank == 0)
             ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed,
                               num_clients=cfg.clients, synthetic_alpha=cfg.synthetic_alpha,
-                              synthetic_beta=cfg.synthetic_beta)
+                              synthetic_beta=cfg.synthetic_beta,
+                              synthetic_mean_samples=cfg.synthetic_mean_samples)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
