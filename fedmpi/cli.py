@@ -1,11 +1,19 @@
-"""What the command-line tools (fedmpi-report, fedmpi-sweep) share: errors as one line."""
+"""What the command-line tools (fedmpi-report, fedmpi-sweep, fedmpi-data) share: errors as one line."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from fedmpi.errors import UserError
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_tool(prog: str, build_parser, argv: list[str] | None) -> int:

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
+DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
 PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet")
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
@@ -41,7 +41,9 @@ def _opt(help_, choices=None, flag=None):
 class Config:
     # data
     dataset: str = field(default="synthetic", metadata=_opt(
-        "synthetic (built in: FedProx's Synthetic(alpha,beta)), fashion-mnist, mnist, or npz:PATH"))
+        "synthetic (built in: FedProx's Synthetic(alpha,beta)), fashion-mnist, mnist, npz:PATH, "
+        "or h5:TRAIN.h5[,TEST.h5] (TensorFlow Federated's HDF5 layout: the file's users are "
+        "the clients)"))
     data_dir: str | None = field(default=None, metadata=_opt(
         "directory with the IDX files (default: ./data/<name>/, then /usr/share/datasets/<name>/)"))
     synthetic_alpha: float = field(default=1.0, metadata=_opt(
@@ -52,7 +54,7 @@ class Config:
         "synthetic: mean samples per client M, sizes 2 + Poisson(M-2) (default: FedProx's "
         "lognormal, mean ~352); e.g. 20 for 100,000 small clients"))
     partition: str = field(default="auto", metadata=_opt(
-        "how samples are split over clients; auto = natural for synthetic, iid otherwise",
+        "how samples are split over clients; auto = natural for synthetic and h5, iid otherwise",
         PARTITIONS))
     alpha: float = field(default=0.5, metadata=_opt(
         "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"))
@@ -169,7 +171,8 @@ class Config:
     def resolved_partition(self) -> str:
         if self.partition != "auto":
             return self.partition
-        return "natural" if self.dataset == "synthetic" else "iid"
+        natural = self.dataset == "synthetic" or self.dataset.startswith("h5:")
+        return "natural" if natural else "iid"
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -257,8 +260,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every})")
     need(cfg.resume != "auto" or cfg.out is not None,
          "--resume auto needs --out PATH: the file to continue if it has a checkpoint")
-    need(cfg.dataset in DATASETS[:-1] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4,
-         f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist or npz:PATH")
+    need(cfg.dataset in DATASETS[:-2] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4
+         or cfg.dataset.startswith("h5:") and len(cfg.dataset) > 3,
+         f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist, "
+         "npz:PATH or h5:PATH")
     need(0 <= cfg.server_momentum < 1, f"--server-momentum must be in [0, 1) (got {cfg.server_momentum})")
     need(0 <= cfg.server_beta1 < 1 and 0 <= cfg.server_beta2 < 1,
          "--server-beta1 and --server-beta2 must be in [0, 1)")

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedmpi.errors import UserError
 
-NAMES = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
+NAMES = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Dataset:
     # natural client split (synthetic); those clients' samples are stored
     # consecutively in x_train, in client order.
     natural_sizes: np.ndarray | None = None
+    # bytes ids of those clients where they have names (h5 data: the file's users)
+    client_ids: np.ndarray | None = None
 
     @property
     def num_features(self) -> int:
@@ -52,7 +54,7 @@ def load_dataset(
     synthetic_beta: float = 1.0,
     synthetic_mean_samples: float | None = None,
 ) -> Dataset:
-    """Load data set `name`: ``synthetic``, ``fashion-mnist``, ``mnist`` or ``npz:PATH``.
+    """Load data set `name`: ``synthetic``, ``fashion-mnist``, ``mnist``, ``npz:PATH`` or ``h5:PATH``.
 
     `data_dir` is where to look for the IDX files of (fashion-)mnist (default:
     ./data/<name>/, then /usr/share/datasets/<name>/).  `seed`, `num_clients`
@@ -79,4 +81,8 @@ def load_dataset(
         if not path:
             raise UserError("data set npz: needs a path, e.g. npz:/path/to/data.npz")
         return load_npz(path)
+    if name.startswith("h5:"):
+        from fedmpi.data.tff import load_tff
+
+        return load_tff(name[len("h5:"):])
     raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")

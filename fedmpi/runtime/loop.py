@@ -118,6 +118,8 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
         arrays = dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
         if ds.natural_sizes is not None:
             arrays["natural_sizes"] = np.asarray(ds.natural_sizes, np.int64)
+        if ds.client_ids is not None:
+            arrays["client_ids"] = ds.client_ids
         del ds  # the shared copy replaces it
     meta = comm.bcast(meta, root=0)
     views, handle = C.share_arrays(comm, arrays)
@@ -125,7 +127,7 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
     data = Dataset(name=meta["name"], x_train=views["x_train"], y_train=views["y_train"],
                    x_test=views["x_test"], y_test=views["y_test"],
                    num_classes=meta["num_classes"], x_scale=meta["x_scale"],
-                   natural_sizes=views.get("natural_sizes"))
+                   natural_sizes=views.get("natural_sizes"), client_ids=views.get("client_ids"))
     return data, handle
 
 
@@ -285,7 +287,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                     attrs={"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
                         [sys.executable, "-m", "fedmpi", *(argv or [])]), **pipeline.attrs()},
                     layer_sizes=list(model.sizes), partition_sizes=sizes,
-                    label_histogram=part.label_histogram(data.y_train, data.num_classes))
+                    label_histogram=part.label_histogram(data.y_train, data.num_classes),
+                    client_ids=data.client_ids if cfg.partition == "natural" else None)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
