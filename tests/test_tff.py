@@ -63,6 +63,21 @@ def test_round_trip_emnist_layout_as_pixel_bytes(tmp_path):
     assert d.num_classes == int(max(d.y_train.max(), d.y_test.max())) + 1
 
 
+def test_memory_estimate_is_an_upper_bound_from_the_file_sizes(tmp_path):
+    from fedmpi.data import footprint
+
+    spec = pair(tmp_path, emnist_like(0), emnist_like(1))
+    fp = footprint.estimate(spec, num_clients=3)
+    d = load(spec)
+    held = sum(a.nbytes for a in (d.x_train, d.y_train, d.x_test, d.y_test, d.natural_sizes))
+    assert held <= fp.data_bytes and fp.train_samples >= len(d.x_train)
+    bad = tmp_path / "bad_train.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("examples", data=[1, 2])
+    write_tff(tmp_path / "bad_test.h5", emnist_like(0))
+    assert footprint.estimate(f"h5:{bad}", num_clients=3) is None  # the loader explains
+
+
 def test_float_inputs_that_are_not_bytes_stay_float32(tmp_path):
     rng = np.random.default_rng(3)
     train = {u: (rng.normal(size=(n, 6)).astype(np.float32), rng.integers(0, 3, n))

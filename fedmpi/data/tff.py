@@ -145,12 +145,16 @@ def estimate_bytes(spec: str):
     from fedmpi.data.footprint import Footprint
 
     train, test = paths(spec)
+    import h5py
+
     with _open(train) as f:
         examples = f.get("examples")
-        first = next(iter(examples.values()), None) if examples is not None else None
-        inputs = [first[n] for n in INPUTS if first is not None and n in first]
-        if not inputs:
+        if not isinstance(examples, h5py.Group) or not len(examples):
             return None  # not in the layout: the loader says what is wrong
+        first = next(iter(examples.values()))
+        inputs = [first[n] for n in INPUTS if isinstance(first, h5py.Group) and n in first]
+        if not inputs or not isinstance(inputs[0], h5py.Dataset):
+            return None
         x, per = inputs[0], 4 if inputs[0].dtype.kind != "u" or inputs[0].dtype.itemsize > 1 else 1
         example = x.dtype.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)) + 4
         clients = len(examples)
