@@ -333,6 +333,9 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.dp_clip is not None and cfg.dp_delta >= 1 / cfg.clients:
         out.append(f"--dp-delta {cfg.dp_delta:g} is at least 1/--clients (1/{cfg.clients}): "
                    "such a guarantee allows revealing a whole client's data; use a smaller delta")
+    if cfg.synthetic_mean_samples is not None and cfg.dataset != "synthetic":
+        out.append(f"--synthetic-mean-samples only shapes --dataset synthetic; it has no effect "
+                   f"on {cfg.dataset}")
     if cfg.dp_clip is not None and cfg.dp_noise_multiplier == 0 and cfg.dp_target_epsilon is None:
         out.append("--dp-noise-multiplier 0: updates are clipped but not noised, so there is "
                    "no privacy guarantee (epsilon = inf)")
