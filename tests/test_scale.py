@@ -112,10 +112,12 @@ def test_footprint_check_refuses_with_what_it_needs_and_what_is_free():
     fp = footprint.Footprint("synthetic data for 7 clients", 10**9, 10**6, "use fewer --clients")
     need = footprint.node_need(fp, 3, True)
     assert need == 2 * 10**9 + 3 * 8 * 10**6 + 16 * 10**6
-    footprint.check(fp, 3, True, available=need)  # fits exactly: no error
+    footprint.check(fp, 3, True, available=need, shm=10**9)  # fits exactly: no error
     with pytest.raises(UserError, match=r"needs about 2\.0 GB .* only 1\.5 GB is available "
                                         r"\(MemAvailable.*use fewer --clients"):
-        footprint.check(fp, 3, True, available=int(1.5e9))
+        footprint.check(fp, 3, True, available=int(1.5e9), shm=10**10)
+    with pytest.raises(UserError, match=r"/dev/shm has only 0\.07 GB free: enlarge /dev/shm"):
+        footprint.check(fp, 3, True, available=10**12, shm=64 * 2**20)
 
 
 def test_job_too_large_for_memory_is_refused_before_loading(run_fedmpi):

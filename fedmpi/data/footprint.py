@@ -17,6 +17,7 @@ already running when the check is made, so MemAvailable accounts for them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from fedmpi.errors import UserError
@@ -79,20 +80,37 @@ def mem_available() -> int | None:
     return None
 
 
+def shm_free(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the tmpfs that holds MPICH's shared-memory windows; None if absent."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def check(fp: Footprint | None, ranks_on_node: int, writes_results: bool,
-          available: int | None = None) -> None:
-    """UserError if the job's estimated peak on this node exceeds what is available."""
+          available: int | None = None, shm: int | None = None) -> None:
+    """UserError if the job's estimated peak on this node exceeds what is available.
+
+    Two limits: memory (MemAvailable) and the space of /dev/shm, where MPICH
+    puts the shared-memory window holding the data (containers often give
+    /dev/shm 64 MB; a window larger than that dies with SIGBUS when touched).
+    """
     if fp is None:
         return
     available = mem_available() if available is None else available
-    if available is None:
-        return
     need = node_need(fp, ranks_on_node, writes_results)
-    if need <= available:
-        return
-    raise UserError(
-        f"this job needs about {need / GB:.1f} GB on this node ({fp.what}: "
-        f"{fp.data_bytes / GB:.1f} GB, held twice while it is moved into shared memory, plus "
-        f"{(need - 2 * fp.data_bytes) / GB:.1f} GB of per-rank partition indices for "
-        f"{ranks_on_node} rank(s)) but only {available / GB:.1f} GB is available (MemAvailable "
-        f"in /proc/meminfo): {fp.advice}")
+    if available is not None and need > available:
+        raise UserError(
+            f"this job needs about {need / GB:.1f} GB on this node ({fp.what}: "
+            f"{fp.data_bytes / GB:.1f} GB, held twice while it is moved into shared memory, plus "
+            f"{(need - 2 * fp.data_bytes) / GB:.1f} GB of per-rank partition indices for "
+            f"{ranks_on_node} rank(s)) but only {available / GB:.1f} GB is available (MemAvailable "
+            f"in /proc/meminfo): {fp.advice}")
+    shm = shm_free() if shm is None else shm
+    if shm is not None and fp.data_bytes > shm:
+        raise UserError(
+            f"the data ({fp.what}: {fp.data_bytes / GB:.2f} GB) is held in node shared memory, "
+            f"but /dev/shm has only {shm / GB:.2f} GB free: enlarge /dev/shm (e.g. docker run "
+            f"--shm-size, or mount -o remount,size=... /dev/shm), or {fp.advice}")
