@@ -22,7 +22,11 @@ the last round -- with N = 1,000, 10,000 and 100,000 registered clients, on
   (round 1 loads numba's cache; round R evaluates), and its ratio to the
   N = 1,000 job's. Target: within 10% at N = 100,000. Every round trains
   100 clients of ~16 samples, so a round is mostly fixed cost: the ratio
-  shows per-round work that grows with N.
+  shows per-round work that grows with N; so does "outside", the round
+  minus the busiest rank's local training (sum of its /clients/seconds), and
+  the CPU time all the job's processes spend per round (rounds 2..R-1, read
+  from /proc when rank 0 prints those rounds), which other load on a shared
+  machine changes much less than wall times.
 
 Runs are interleaved (1,000, 10,000, 100,000, 1,000, ...) with --repeat > 1
 and their round times pooled, so background load drifts hit every N alike.
@@ -38,16 +42,17 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-import subprocess
-
 import h5py
+import numpy as np
 
 from bench_kernels import cpu_model  # benchmarks/ scripts run from benchmarks/
 from bench_memory import MiB, Sampler, baseline
+from bench_run import ROUND_LINE, tree_cpu_seconds
 from common import find_mpiexec
 
 JOB = ["--dataset", "synthetic", "--synthetic-mean-samples", "20", "--clients-per-round", "100",
@@ -63,10 +68,17 @@ def run_job(n: int, ranks: int, rounds: int, workdir: str, interval: float) -> d
     if ranks > 1:
         cmd = [find_mpiexec("bench_scale"), "-n", str(ranks), *cmd]
     log = os.path.join(workdir, f"scale-{n}.log")
+    cpu_at = {}  # round -> CPU seconds of the job's processes when rank 0 printed it
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
         sampler = Sampler(proc.pid, interval).start()
+        for line in proc.stdout:
+            fh.write(line)
+            m = ROUND_LINE.match(line)
+            if m and int(m.group(1)) in (1, rounds - 1):
+                cpu_at[int(m.group(1))] = tree_cpu_seconds(proc.pid)
         rc = proc.wait()
         sampler.stop()
     wall = time.perf_counter() - t0
@@ -76,10 +88,21 @@ def run_job(n: int, ranks: int, rounds: int, workdir: str, interval: float) -> d
     with h5py.File(out, "r") as f:
         seconds = f["rounds/seconds"][:]
         train = int(f["partition/num_samples"][:].sum())
+        c = {k: f[f"clients/{k}"][:] for k in ("round", "rank", "seconds")}
+    # the round's critical path in local training: the busiest rank's sum of client times
+    busiest = np.zeros(len(seconds))
+    for rnd in range(1, len(seconds) + 1):
+        m = c["round"] == rnd
+        busiest[rnd - 1] = np.bincount(c["rank"][m], weights=c["seconds"][m]).max()
     per_rank = sorted((i for i in sampler.procs.values() if i["kind"] == "rank"),
                       key=lambda i: i["rank"])
     data = (train + min(TEST_CAP, train)) * (DIM * 4 + 4) + 8 * n
     return {"n": n, "wall": wall, "round_s": list(seconds[1:-1]), "data": data,
+            "outside_s": list((seconds - busiest)[1:-1]),
+            # CPU per round of all the job's processes, rounds 2..R-1: barely moved by
+            # other processes competing for the cores, unlike wall times
+            "cpu_round": ((cpu_at[rounds - 1] - cpu_at[1]) / (rounds - 2)
+                          if rounds > 2 else float("nan")),
             "total": sampler.peak_total, "per_rank": per_rank, "train": train,
             "own": sampler.peak_total_split.get("Pss_Anon", 0)
             + sampler.peak_total_split.get("Pss_Shmem", 0)}
@@ -120,8 +143,11 @@ def main() -> int:
 
     print()
     print(f"{'N':>7} {'data MiB':>9} {'PSS sum':>8} {'anon+shm':>8} {'- base':>7} {'x data':>6} "
-          f"{'growth x':>8} {'PSS/rank':>8} {'RSS/rank':>8} {'VmHWM':>7} {'s/round':>8} {'ratio':>6}")
+          f"{'growth x':>8} {'PSS/rank':>8} {'RSS/rank':>8} {'VmHWM':>7} {'s/round':>8} {'ratio':>6} "
+          f"{'outside':>8} {'ratio':>6} {'CPU/rnd':>8} {'ratio':>6}")
     ref = statistics.median(s for r in results[ns[0]] for s in r["round_s"])
+    ref_out = statistics.median(s for r in results[ns[0]] for s in r["outside_s"])
+    ref_cpu = statistics.median(r["cpu_round"] for r in results[ns[0]])
     first = results[ns[0]][0]
     rows = {}
     for n in ns:
@@ -136,21 +162,28 @@ def main() -> int:
         rss = max(i["Rss"] for r in rs for i in r["per_rank"])
         hwm = max(i["VmHWM"] for r in rs for i in r["per_rank"])
         sec = statistics.median(s for r in rs for s in r["round_s"])
-        rows[n] = (own / data, growth, sec / ref)
+        outside = statistics.median(s for r in rs for s in r["outside_s"])
+        cpu = statistics.median(r["cpu_round"] for r in rs)
+        rows[n] = (own / data, growth, sec / ref, cpu / ref_cpu)
         print(f"{n:>7} {data / MiB:>9.1f} {total / MiB:>8.1f} {anon / MiB:>8.1f} {own / MiB:>7.1f} "
               f"{own / data:>6.2f} {growth:>8.2f} {pss / MiB:>8.1f} {rss / MiB:>8.1f} "
-              f"{hwm / MiB:>7.1f} {sec:>8.4f} {sec / ref:>6.3f}")
+              f"{hwm / MiB:>7.1f} {sec:>8.4f} {sec / ref:>6.3f} {outside:>8.4f} "
+              f"{outside / ref_out:>6.3f} {cpu:>8.4f} {cpu / ref_cpu:>6.3f}")
     print("MiB; PSS sum = peak of the PSS summed over the ranks, anon+shm its anonymous + shared-"
           "memory part, - base = minus the ranks' data-less anonymous memory, growth x = "
           "(anon+shm - at the smallest N) / (data - at the smallest N); per-rank columns: the "
-          "largest rank's peak")
+          "largest rank's peak; outside = s/round minus the busiest rank's local training "
+          "(sampling, transport, server step, results): where work growing with N would show; "
+          "CPU/rnd = CPU seconds of all the job's processes per round (rounds 2..R-1)")
     big = max(ns)
-    mem_x, growth_x, time_x = rows[big]
+    mem_x, growth_x, time_x, cpu_x = rows[big]
     print()
     print(f"N={big}: job memory = {mem_x:.2f}x the data (growth from N={ns[0]}: {growth_x:.2f}x): "
           f"{'PASS' if max(mem_x, growth_x) <= 2.1 else 'FAIL'} (target <= 2x + a few models)")
     print(f"N={big}: s/round = {time_x:.3f}x N={ns[0]}'s: {'PASS' if time_x <= 1.10 else 'FAIL'} "
           "(target <= 1.10)")
+    print(f"N={big}: CPU/round = {cpu_x:.3f}x N={ns[0]}'s (the same comparison, less sensitive "
+          "to other load on the machine)")
     print(f"load average after: {os.getloadavg()}")
     if args.keep:
         print(f"results files and logs kept in {workdir}")
