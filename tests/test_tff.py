@@ -107,6 +107,7 @@ def test_uint8_images_named_image_and_sibling_test_file(tmp_path):
     ("text", "holds text \\(snippets\\).*tokenizer"),
     ("features", "fedmpi reads image data: pixels or image and label"),
     ("labels", "labels must be one per example"),
+    ("client-not-group", "examples/u2 is not a group with datasets pixels and label"),
     ("no-test", "does not exist \\(the test file"),
 ])
 def test_bad_files_one_clear_error(tmp_path, case, message):
@@ -127,6 +128,11 @@ def test_bad_files_one_clear_error(tmp_path, case, message):
         with h5py.File(train, "w") as f:
             f.create_dataset("examples/u1/pixelz", data=np.zeros((2, 3), np.float32))
             f.create_dataset("examples/u1/label", data=np.zeros(2, np.int32))
+    elif case == "client-not-group":
+        with h5py.File(train, "w") as f:
+            f.create_dataset("examples/u1/pixels", data=np.zeros((2, 3), np.float32))
+            f.create_dataset("examples/u1/label", data=np.zeros(2, np.int32))
+            f.create_dataset("examples/u2", data=np.zeros(3))
     elif case == "labels":
         write_tff(train, {"u": (np.zeros((3, 4), np.float32), np.zeros(2, np.int32))})
     else:

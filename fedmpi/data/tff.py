@@ -113,13 +113,17 @@ class _Scan:
         # HDF5 object costs more than reading a small client's data
         self.xs, self.ys = [], []
         for i, (cid, g) in enumerate(zip(self.ids, self.groups)):
-            try:
-                x, y = g[self.x_name], g[LABEL]
-            except (KeyError, TypeError):
-                raise UserError(f"{path}: client {cid} lacks {self.x_name} or {LABEL} "
-                                f"(every client needs both)") from None
+            x = g.get(self.x_name) if isinstance(g, h5py.Group) else None
+            y = g.get(LABEL) if isinstance(g, h5py.Group) else None
+            if not (isinstance(x, h5py.Dataset) and isinstance(y, h5py.Dataset)):
+                raise UserError(f"{path}: examples/{cid} is not a group with datasets "
+                                f"{self.x_name} and {LABEL} (every client needs both): the "
+                                f"file is not in {LAYOUT}")
             self.xs.append(x)
             self.ys.append(y)
+            if x.ndim == 0:
+                raise UserError(f"{path}: client {cid}'s {self.x_name} is a scalar; it needs one "
+                                "row per example")
             if x.shape[1:] != self.shape or x.dtype != self.dtype:
                 raise UserError(
                     f"{path}: client {cid}'s {self.x_name} is {x.dtype} {x.shape[1:]} per example "
