@@ -8,7 +8,8 @@ the last round -- with N = 1,000, 10,000 and 100,000 registered clients, on
 
 - the data set's size (training + test arrays, from the results file's
   partition sizes and the capped test set) and the peak memory: per rank
-  (PSS and RSS peaks sampled from /proc every --interval s, and VmHWM), and
+  (PSS and RSS peaks sampled from /proc every --interval s while the job
+  loads, every 2 s once its rounds run, and VmHWM, the kernel's exact peak), and
   summed over the ranks (PSS). The job's own memory is the anonymous +
   shared-memory part of that sum (file-backed library pages are left out:
   their PSS depends on other processes mapping the same libraries) minus the
@@ -59,6 +60,7 @@ JOB = ["--dataset", "synthetic", "--synthetic-mean-samples", "20", "--clients-pe
        "--local-epochs", "1", "--batch-size", "10", "--hidden", "128,64", "--lr", "0.05",
        "--algorithm", "fedavg", "--seed", "0", "--eval-every", "1000000"]
 DIM, TEST_CAP = 60, 10_000  # synthetic features; its capped test set
+ROUND_INTERVAL = 2.0  # memory sampling period once the rounds run (s)
 
 
 def run_job(n: int, ranks: int, rounds: int, workdir: str, interval: float) -> dict:
@@ -79,6 +81,10 @@ def run_job(n: int, ranks: int, rounds: int, workdir: str, interval: float) -> d
             m = ROUND_LINE.match(line)
             if m and int(m.group(1)) in (1, rounds - 1):
                 cpu_at[int(m.group(1))] = tree_cpu_seconds(proc.pid)
+                # Reading smaps_rollup walks the page tables of every rank (each maps the
+                # whole data window): every 0.1 s that took a good part of one of the two
+                # cores. The peak is while loading; during the rounds sample rarely.
+                sampler.interval = ROUND_INTERVAL
         rc = proc.wait()
         sampler.stop()
     wall = time.perf_counter() - t0
