@@ -1,4 +1,5 @@
-"""What the command-line tools (fedmpi-report, fedmpi-sweep, fedmpi-data) share: errors as one line."""
+"""What the command-line tools (python -m fedmpi, fedmpi-report, fedmpi-sweep, fedmpi-data)
+share: errors as one line."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 import os
 import sys
 
-from fedmpi.errors import UserError
+from fedmpi.errors import UserError, printable
 
 
-class ToolParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, no usage dump) instead of exiting."""
 
     def error(self, message):
@@ -23,7 +24,8 @@ def run_tool(prog: str, build_parser, argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
-        message = " ".join(str(e).splitlines())
+        # One line, and no control characters from names found in files.
+        message = printable(" ".join(str(e).splitlines()))
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

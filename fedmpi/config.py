@@ -14,6 +14,7 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 
+from fedmpi.cli import ArgumentParser
 from fedmpi.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -22,10 +23,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
-PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet")
+PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet", "dirichlet_clients")
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 AGGREGATORS = ("mean", "median", "trimmed_mean")
+CLIENT_SAMPLINGS = ("uniform", "proportional")
+CLIENT_WEIGHTINGS = ("samples", "uniform")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 SAMPLINGS = ("fixed", "poisson")
@@ -54,16 +57,26 @@ class Config:
         "synthetic: mean samples per client M, sizes 2 + Poisson(M-2) (default: FedProx's "
         "lognormal, mean ~352); e.g. 20 for 100,000 small clients"))
     partition: str = field(default="auto", metadata=_opt(
-        "how samples are split over clients; auto = natural for synthetic and h5, iid otherwise",
-        PARTITIONS))
+        "how samples are split over clients; auto = natural for synthetic and h5, iid otherwise; "
+        "dirichlet = per class over clients (the NIID-Bench variant), dirichlet_clients = "
+        "per client over classes, equal sizes (Hsu et al. 2019)", PARTITIONS))
     alpha: float = field(default=0.5, metadata=_opt(
-        "Dirichlet concentration for --partition dirichlet (smaller = more label skew)"))
+        "Dirichlet concentration for --partition dirichlet and dirichlet_clients (smaller = "
+        "more label skew)"))
     shards_per_client: int = field(default=2, metadata=_opt(
         "label-sorted shards per client for --partition shards (McMahan et al. use 2)"))
     clients: int = field(default=100, metadata=_opt("number of simulated clients"))
     # federated schedule
     clients_per_round: int = field(default=10, metadata=_opt(
         "clients sampled (without replacement) each round"))
+    client_sampling: str = field(default="uniform", metadata=_opt(
+        "how the round's clients are drawn: uniform, or proportional to their sample counts "
+        "(FedProx's experiments, Li et al. 2020; pair with --client-weighting uniform)",
+        CLIENT_SAMPLINGS))
+    client_weighting: str = field(default="samples", metadata=_opt(
+        "weights of the clients' updates in the mean: samples (n_k/n, FedAvg) or uniform "
+        "(1/K: FedAdam/FedYogi's Algorithm 2, Reddi et al. 2021; FedProx's)",
+        CLIENT_WEIGHTINGS))
     rounds: int = field(default=50, metadata=_opt("number of communication rounds"))
     algorithm: str = field(default="fedavg", metadata=_opt("federated algorithm", ALGORITHMS))
     server_lr: float = field(default=1.0, metadata=_opt(
@@ -121,6 +134,10 @@ class Config:
     dp_clip_count_stddev: float | None = field(default=None, metadata=_opt(
         "noise stddev on the count of unclipped clients in adaptive clipping "
         "(default: --clients-per-round / 20, as in the paper)"))
+    dp_canaries: int = field(default=0, metadata=_opt(
+        "one-shot empirical privacy estimate (Andrew et al. 2024): insert this many canary "
+        "clients (random unit updates at the clip norm) and as many held-out directions; the "
+        "run reports an empirical epsilon beside the accountant's (0 = off)"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -164,9 +181,10 @@ class Config:
         may change on resume (more rounds extend a finished run).
         """
         mine = self.to_dict()
+        # a setting missing from an older file had the default then
+        default = Config().to_dict()
         return sorted(k for k in mine if k not in RESUMABLE
-                      and (k in other and other[k] != mine[k]
-                           or k not in other and mine[k] != FIELDS[k].default))
+                      and other.get(k, default[k]) != mine[k])
 
     def resolved_partition(self) -> str:
         if self.partition != "auto":
@@ -176,11 +194,19 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
-RESUMABLE = {"out", "overwrite", "resume", "checkpoint_every", "rounds"}
+# Settings that say where and how a run is executed, not what it computes: they
+# never make two runs different (analysis, sweeps) and may change on resume.
+EXECUTION_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
+# ... and more rounds extend a finished run.
+RESUMABLE = frozenset(EXECUTION_KEYS + ("rounds",))
 
 
 def parse_hidden(value) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
+        # a TOML list: integers only (int() would turn 1.5 into 1 and true into 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UserError(f"--hidden {list(value)!r} is malformed: give a list of positive "
+                            "integers such as [128, 64] (or [] for none)")
         items = list(value)
     else:
         text = str(value).strip().lower()
@@ -220,7 +246,10 @@ def _convert(name: str, value):
         if typ == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"{flag} got {value!r}: expected a finite number")
+            return number
         if typ.startswith("str"):
             if value is None or isinstance(value, str):
                 return value
@@ -270,13 +299,24 @@ def validate(cfg: Config) -> Config:
     need(cfg.server_tau > 0, f"--server-tau must be positive (got {cfg.server_tau})")
     need(cfg.prox_mu >= 0, f"--prox-mu must be non-negative (got {cfg.prox_mu})")
     need(0 <= cfg.trim < 0.5, f"--trim must be in [0, 0.5) (got {cfg.trim})")
-    need(cfg.aggregator != "trimmed_mean" or 2 * int(cfg.trim * cfg.clients_per_round)
-         < cfg.clients_per_round, "--trim removes every update of a round: lower --trim "
-         "or raise --clients-per-round")
+    if cfg.aggregator == "trimmed_mean":
+        # a round has clients_per_round updates (on average under Poisson sampling or
+        # drop-outs), so the cut is known now
+        cut = int(cfg.trim * cfg.clients_per_round)
+        need(cut >= 1, f"--aggregator trimmed_mean --trim {cfg.trim} with --clients-per-round "
+             f"{cfg.clients_per_round} trims floor({cfg.trim} * {cfg.clients_per_round}) = 0 "
+             "updates, which is the plain unweighted mean, not robust: raise --trim (or --clients-per-round) so that "
+             "trim * clients-per-round >= 1")
+        need(2 * cut < cfg.clients_per_round, "--trim removes every update of a round: lower "
+             "--trim or raise --clients-per-round")
     need(0 <= cfg.dropout_rate < 1, f"--dropout-rate must be in [0, 1) (got {cfg.dropout_rate})")
+    need(cfg.sampling == "fixed" or cfg.client_sampling == "uniform",
+         "--sampling poisson draws each client with the same probability: it has no "
+         "--client-sampling proportional variant")
     _validate_dp(cfg, need)
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
-                 "aggregator", "sampling", "dp_accountant"):
+                 "aggregator", "client_sampling", "client_weighting", "sampling",
+                 "dp_accountant"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
@@ -291,12 +331,12 @@ def validate(cfg: Config) -> Config:
 
 
 DP_FLAGS = ("dp_clip_per_layer", "dp_noise_multiplier", "dp_target_epsilon", "dp_clip_quantile",
-            "dp_clip_count_stddev")
+            "dp_clip_count_stddev", "dp_canaries")
 
 
 def _validate_dp(cfg: Config, need) -> None:
     if cfg.dp_clip is None:
-        given = [n for n in DP_FLAGS if getattr(cfg, n) not in (None, False)]
+        given = [n for n in DP_FLAGS if getattr(cfg, n) not in (None, False, 0)]
         need(not given, f"--{given[0].replace('_', '-') if given else ''} needs --dp-clip S: "
              "differential privacy starts with clipping each update to norm S")
         return
@@ -312,6 +352,8 @@ def _validate_dp(cfg: Config, need) -> None:
         need(math.isfinite(cfg.dp_target_epsilon) and cfg.dp_target_epsilon > 0,
              f"--dp-target-epsilon must be a positive number (got {cfg.dp_target_epsilon})")
     need(0 < cfg.dp_delta < 1, f"--dp-delta must be in (0, 1) (got {cfg.dp_delta})")
+    need(cfg.dp_canaries == 0 or cfg.dp_canaries >= 2,
+         f"--dp-canaries needs at least 2 canaries to estimate a spread (got {cfg.dp_canaries})")
     need(cfg.aggregator == "mean",
          f"--aggregator {cfg.aggregator} does not sum the updates, so clipping bounds nothing "
          "it computes: differential privacy needs --aggregator mean")
@@ -342,15 +384,8 @@ def warnings(cfg: Config) -> list[str]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one line, no usage dump) instead of exiting."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see python -m fedmpi --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m fedmpi",
         description="Run one federated training job. Under mpiexec, rank 0 aggregates and "
                     "the other ranks host the simulated clients; alone, one process does both.",

@@ -10,6 +10,10 @@ Used by rank 0 only (no MPI here). One file per run, laid out as::
     /partition/num_samples, /partition/label_histogram (and client_ids: the
                           data set's names of its clients, for h5 data)
     /model/<name>         flat float32 parameter vectors; attrs layer_sizes
+    /segments/<i>         one group per run segment (the first run, then each
+                          resume): attrs first_round, config, mpi_size,
+                          command, ranks, started; the root attrs config,
+                          mpi_size, command and ranks are the last segment's
 
 Crash safety: the file stays open for the whole run and is flushed after
 every round, so a job killed at any moment (SIGKILL, wall-time limit) leaves a
@@ -26,115 +30,53 @@ import fcntl
 import json
 import numbers
 import os
+import stat
 import tempfile
-import time
 from datetime import datetime, timezone
 
 import h5py
 import numpy as np
 
 import fedmpi
+from fedmpi.analysis import load, load_many
 from fedmpi.errors import UserError
-
-# Bump when the layout changes in a way readers must know about.
-LAYOUT_VERSION = 1
-
-# name -> (units, description). Written as attributes on each dataset so the
-# file explains itself without this source code. Keys not listed here are
-# still accepted (units and description then empty) so the runtime can add a
-# metric without touching this module.
-ROUND_FIELDS: dict[str, tuple[str, str]] = {
-    "round": ("", "Federated round index, as counted by the runtime"),
-    "test_accuracy": (
-        "1",
-        "Accuracy of the global model on the test set after this round, a "
-        "fraction in [0, 1]; NaN in rounds without evaluation",
-    ),
-    "test_loss": (
-        "nats",
-        "Mean cross-entropy of the global model on the test set after this "
-        "round; NaN in rounds without evaluation",
-    ),
-    "train_loss": (
-        "nats",
-        "Training loss of this round's clients, mean weighted by their "
-        "num_samples",
-    ),
-    "num_clients": ("clients", "Number of clients that trained in this round"),
-    "num_samples": (
-        "samples", "Total training samples of the clients of this round"),
-    "seconds": ("s", "Wall-clock duration of the round, measured on rank 0"),
-    "bytes_up": (
-        "bytes", "Bytes of model updates sent from clients to rank 0"),
-    "bytes_down": (
-        "bytes", "Bytes of global model sent from rank 0 to clients"),
-}
-
-CLIENT_FIELDS: dict[str, tuple[str, str]] = {
-    "round": ("", "Round of this row; matches /rounds/round"),
-    "client_id": (
-        "", "Client index; row of /partition/num_samples and label_histogram"),
-    "rank": ("", "MPI rank that simulated the client in this round"),
-    "num_samples": ("samples", "Training samples held by the client"),
-    "train_loss": ("nats", "Client's mean training loss in this round"),
-    "seconds": ("s", "Wall-clock time of the client's local training"),
-}
-
-# Columns that only some runs have (written by the runtime and update-pipeline
-# stages); described the same way when they are created.
-MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
-    "num_sampled": (
-        "clients", "Clients sampled this round; num_clients of them reported (the others "
-        "dropped out, --dropout-rate)"),
-    "fixed_point_coarse": (
-        "coordinates", "Nonzero update coordinates that the exact fixed-point sum carried with "
-        "fewer than 16 significant bits (their block's bound was set by a much larger value); "
-        "0 in healthy runs"),
-    # differential privacy (--dp-clip)
-    "epsilon": (
-        "1", "Privacy budget spent after this round at the run's dp_delta (user-level; "
-        "accountant in the dp_accountant attribute); inf without noise"),
-    "dp_clip_norm": ("1", "L2 clip norm S the clients used in this round"),
-    "dp_clipped_fraction": (
-        "1", "Fraction of this round's clients whose update was clipped (a diagnostic, "
-        "not privatised)"),
-    "dp_median_norm": (
-        "1", "Median L2 norm of this round's client updates before clipping (a "
-        "diagnostic, not privatised)"),
-    "dp_noise_std": (
-        "1", "Standard deviation of the Gaussian noise per coordinate of the averaged "
-        "update (z_update * S / K)"),
-}
-
-MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
-    "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
-    "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
-}
+from fedmpi.layout import (CLIENT_FIELDS, FLAT_LAYOUT, LAYOUT_VERSION, MORE_CLIENT_FIELDS,
+                           MORE_ROUND_FIELDS, OPEN_WRITERS, ROUND_FIELDS, WRITER_LOCKING,
+                           layers_from_flat, num_params)
+from fedmpi.reading import read_checkpoint, read_checkpoint_full, read_run
 
 _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
                         "layout_version")
+# Root attrs that describe the segment of the run that wrote them: a resumed
+# run replaces them (and keeps every segment's under /segments).
+_SEGMENT_ATTRS = ("config", "mpi_size", "command", "ranks", "data_fingerprint")
+
+# Units of the loss columns by the run's --loss: cross-entropy is in nats, a
+# squared error of one-hot targets has no unit.
+LOSS_UNITS = {"cross_entropy": "nats", "mse": "1"}
+_LOSS_COLUMNS = ("test_loss", "train_loss")
 
 # Chunk lengths (rows). Small enough that a short run doesn't waste space,
 # large enough that a long run doesn't pay per-chunk overhead per row.
 _ROUND_CHUNK = 256
 _CLIENT_CHUNK = 4096
 
-# "best-effort": take HDF5's advisory lock (so two jobs can't both write one
-# file) but don't fail on file systems without flock support (some Lustre
-# and NFS mounts), where strict locking would make every run fail.
-_WRITER_LOCKING = "best-effort"
 
-# Real paths of files a ResultsWriter in this process has open. HDF5 refuses
-# to open a file already open in the same process with different locking
-# settings ("file locking flag values don't match"), so read_run must use the
-# writer's setting for these rather than locking=False.
-_OPEN_WRITERS: set[str] = set()
+def require_regular_file(path: str, what: str = "results file") -> None:
+    """Raise UserError if path exists but is not a regular file (or a link to one).
 
-_FLAT_LAYOUT = (
-    "Flat float32 vector of all layers in order; for layer l: W_l of shape "
-    "(layer_sizes[l], layer_sizes[l+1]) in row-major (C) order, then b_l of "
-    "shape (layer_sizes[l+1],). See fedmpi.results.layers_from_flat."
-)
+    A FIFO or a device would make every later open block or misbehave
+    (opening a FIFO for reading waits for a writer forever).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there (or a dangling link, or a parent that is a file): later checks say
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {path} is a directory: give a file name to --out")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {path} is not a regular file (a FIFO, socket or device): "
+                        "give the path of an HDF5 file")
 
 
 def _probe_lock(path: str) -> None:
@@ -145,11 +87,17 @@ def _probe_lock(path: str) -> None:
     that job's results and only then fail. HDF5 locks with flock(), so an
     exclusive non-blocking flock here sees both writers and locking readers.
     """
+    require_regular_file(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: should the path become a FIFO after the check above,
+        # the open still returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return  # unreadable: the later open reports it
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"results file {path} is not a regular file: give the path of "
+                            "an HDF5 file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
@@ -163,6 +111,27 @@ def _probe_lock(path: str) -> None:
         os.close(fd)  # also releases our probe lock
 
 
+def _hold_lock_if_hdf5_does_not(path: str) -> int | None:
+    """An fd holding an exclusive flock on path, if HDF5 holds none; else None.
+
+    HDF5_USE_FILE_LOCKING=FALSE in the writer's environment (some sites set it
+    for every job on file systems without flock) overrides h5py's `locking`
+    and the writer then holds no lock: another run's --overwrite could not
+    see it and would delete a live file. So the writer takes a lock of its
+    own where HDF5 did not; where flock is unsupported, nobody can lock.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)  # held by HDF5 (the usual case), or flock unsupported
+        return None
+    return fd
+
+
 def check_output_path(path: str, overwrite: bool) -> None:
     """Check early (before any work) that a results file can go to path.
 
@@ -170,9 +139,7 @@ def check_output_path(path: str, overwrite: bool) -> None:
     open in another process, or its parent directory can't be created or
     written. Creates missing parent directories; leaves no file behind.
     """
-    if os.path.isdir(path):
-        raise UserError(
-            f"results file {path} is a directory: give a file name to --out")
+    require_regular_file(path)
     if os.path.lexists(path):
         if not overwrite:
             raise UserError(
@@ -212,10 +179,6 @@ def _ancestors(directory: str):
         if up == directory:
             return
         directory = up
-
-
-def _num_params(layer_sizes) -> int:
-    return sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
 
 
 def _is_int_scalar(v) -> bool:
@@ -263,7 +226,7 @@ class ResultsWriter:
             # create exclusively: a racing job gets an error, not our file.
             os.unlink(path)
         try:
-            self._file = h5py.File(path, "x", locking=_WRITER_LOCKING)
+            self._file = h5py.File(path, "x", locking=WRITER_LOCKING)
         except FileExistsError:
             raise UserError(
                 f"results file {path} already exists: pass --overwrite or "
@@ -273,11 +236,13 @@ class ResultsWriter:
                 from None
         self.path = path
         self._realpath = os.path.realpath(path)
-        _OPEN_WRITERS.add(self._realpath)
+        OPEN_WRITERS.add(self._realpath)
+        self._own_lock = _hold_lock_if_hdf5_does_not(path)
         self._num_rounds = 0
         self._num_client_rows = 0
         self._round_keys: tuple[str, ...] | None = None
         self._client_keys: tuple[str, ...] | None = None
+        self._loss_units = LOSS_UNITS.get(config.get("loss", "cross_entropy"), "")
 
         f = self._file
         f.attrs["config"] = config_json
@@ -287,6 +252,7 @@ class ResultsWriter:
         f.attrs["layout_version"] = LAYOUT_VERSION
         for key, value in attrs.items():
             f.attrs[key] = value
+        self._record_segment(1)
 
         part = f.create_group("partition")
         part.attrs["description"] = (
@@ -312,8 +278,8 @@ class ResultsWriter:
         # still tells readers how to interpret any parameters written later.
         model = f.create_group("model")
         model.attrs["layer_sizes"] = np.asarray(layer_sizes, dtype="int64")
-        model.attrs["num_params"] = _num_params(layer_sizes)
-        model.attrs["description"] = _FLAT_LAYOUT
+        model.attrs["num_params"] = num_params(layer_sizes)
+        model.attrs["description"] = FLAT_LAYOUT
         self._layer_sizes = layer_sizes
 
         f.create_group("rounds").attrs["description"] = (
@@ -358,6 +324,7 @@ class ResultsWriter:
 
         if self._round_keys is None:
             self._create_columns(group, values, ROUND_FIELDS, _ROUND_CHUNK)
+            self._set_loss_units(group)
             self._round_keys = keys
         n = self._num_rounds
         for name, value in values.items():
@@ -402,6 +369,7 @@ class ResultsWriter:
 
         if self._client_keys is None:
             self._create_columns(group, arrays, CLIENT_FIELDS, _CLIENT_CHUNK)
+            self._set_loss_units(group)
             self._client_keys = keys
         n = self._num_client_rows
         for name, a in arrays.items():
@@ -409,6 +377,11 @@ class ResultsWriter:
             ds.resize((n + m,))
             ds[n:n + m] = a
         self._num_client_rows = n + m
+
+    def _set_loss_units(self, group) -> None:
+        for name in _LOSS_COLUMNS:
+            if name in group:
+                group[name].attrs["units"] = self._loss_units
 
     @staticmethod
     def _create_columns(group, values: dict, fields: dict,
@@ -432,11 +405,19 @@ class ResultsWriter:
                 if name != "round":
                     group[name].dims[0].attach_scale(scale)
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Set root attributes measured during the run (e.g. a final estimate)."""
+        self._check_open()
+        for key, value in attrs.items():
+            if key in _RESERVED_ROOT_ATTRS:
+                raise ValueError(f"attribute {key!r} is reserved")
+            self._file.attrs[key] = value
+
     def write_params(self, name: str, params: np.ndarray) -> None:
         """Store a flat parameter vector as /model/<name> (float32)."""
         self._check_open()
         flat = np.asarray(params, dtype="float32")
-        expected = _num_params(self._layer_sizes)
+        expected = num_params(self._layer_sizes)
         if flat.ndim != 1 or flat.size != expected:
             raise ValueError(
                 f"params must be a flat vector of {expected} values for "
@@ -445,7 +426,7 @@ class ResultsWriter:
         if name in model:
             del model[name]  # shapes are fixed, so replace rather than write
         ds = model.create_dataset(name, data=flat)
-        ds.attrs["description"] = _FLAT_LAYOUT
+        ds.attrs["description"] = FLAT_LAYOUT
 
     # -- checkpoints -------------------------------------------------------
 
@@ -478,37 +459,94 @@ class ResultsWriter:
         group.attrs["round"] = int(round_)
         self._file.flush()
 
+    def _record_segment(self, first_round: int) -> None:
+        """Keep the root's segment attrs (this run's) under /segments/<i>.
+
+        Segments that started after `first_round` are dropped: their rounds
+        were cut off and are about to be re-run by this segment.
+        """
+        f = self._file
+        group = f.require_group("segments")
+        group.attrs["description"] = (
+            "One group per run segment: the first run, then each resume; attrs say "
+            "from which round on it ran and how (config JSON, mpi_size, command)")
+        for name in list(group):
+            if int(group[name].attrs["first_round"]) >= first_round:
+                del group[name]
+        seg = group.create_group(str(len(group)))
+        seg.attrs["first_round"] = int(first_round)
+        seg.attrs["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        seg.attrs["fedmpi_version"] = fedmpi.__version__
+        for key in _SEGMENT_ATTRS:
+            if key in f.attrs:
+                seg.attrs[key] = f.attrs[key]
+
     @classmethod
-    def reopen(cls, path: str) -> tuple["ResultsWriter", int, dict[str, np.ndarray]]:
+    def reopen(cls, path: str, *, config: dict | None = None, attrs: dict | None = None,
+               data_fingerprint: dict | None = None,
+               ) -> tuple["ResultsWriter", int, dict[str, np.ndarray]]:
         """Open a run's file to continue it from its last checkpoint.
 
         Rows written after that checkpoint (rounds that will be re-run) are
-        cut off. Returns (writer, checkpoint round, checkpoint arrays).
+        cut off. The checkpoint is checked first (fedmpi.reading.read_checkpoint_full),
+        so a damaged file is refused with a UserError before anything changes.
+        `config` and `attrs` (mpi_size, command, ...) describe the resumed
+        segment: they replace the root's and are kept under /segments, so
+        readers see the run as it now is (e.g. more rounds). A
+        `data_fingerprint` (fedmpi.data.fingerprint) must equal the one
+        stored, if any: a resume on other data or another partition would
+        silently mix two runs. Returns (writer, checkpoint round, arrays).
         """
-        ckpt = read_checkpoint(path)
+        require_regular_file(path)
+        ckpt = read_checkpoint_full(path)
         if ckpt is None:
             raise UserError(f"{path} has no checkpoint to resume from: start the run afresh")
+        if data_fingerprint is not None:
+            _check_fingerprint(path, data_fingerprint)
         _probe_lock(path)
         self = cls.__new__(cls)
         try:
-            self._file = h5py.File(path, "r+", locking=_WRITER_LOCKING)
+            self._file = h5py.File(path, "r+", locking=WRITER_LOCKING)
         except OSError as e:
             raise UserError(f"cannot open {path} to resume: {e}") from None
         self.path = path
         self._realpath = os.path.realpath(path)
-        _OPEN_WRITERS.add(self._realpath)
+        OPEN_WRITERS.add(self._realpath)
+        self._own_lock = _hold_lock_if_hdf5_does_not(path)
         f = self._file
-        self._layer_sizes = [int(v) for v in f["model"].attrs["layer_sizes"]]
-        slot = f["checkpoint"][f"slot{int(f['checkpoint'].attrs['current'])}"]
-        self._num_rounds = int(slot.attrs["rounds_rows"])
-        self._num_client_rows = int(slot.attrs["clients_rows"])
-        for group, n in ((f["rounds"], self._num_rounds), (f["clients"], self._num_client_rows)):
-            for ds in group.values():
-                ds.resize((n,))
-        self._round_keys = tuple(sorted(f["rounds"])) or None
-        self._client_keys = tuple(sorted(f["clients"])) or None
-        f.flush()
-        return self, ckpt[1], ckpt[2]
+        self._layer_sizes = ckpt.layer_sizes
+        self._num_rounds = ckpt.rounds_rows
+        self._num_client_rows = ckpt.clients_rows
+        run_config = config if config is not None else ckpt.config
+        self._loss_units = LOSS_UNITS.get(run_config.get("loss", "cross_entropy"), "")
+        try:
+            if config is not None:
+                f.attrs["config"] = json.dumps(config, sort_keys=True)
+            for key, value in (attrs or {}).items():
+                if key in _RESERVED_ROOT_ATTRS:
+                    raise ValueError(f"root attribute {key!r} is reserved")
+                f.attrs[key] = value
+            if config is not None or attrs:
+                if "segments" not in f:  # a file from before segments: the first one is unknown
+                    f.create_group("segments")
+                self._record_segment(ckpt.round + 1)
+            for group, n in ((f["rounds"], self._num_rounds),
+                             (f["clients"], self._num_client_rows)):
+                for ds in group.values():
+                    if ds.maxshape != (None,):  # the writer's columns all grow
+                        raise UserError(f"{path}: {ds.name} cannot grow, so the run cannot "
+                                        f"continue in this file; it was not written by fedmpi")
+                    ds.resize((n,))
+            self._round_keys = tuple(sorted(f["rounds"])) or None
+            self._client_keys = tuple(sorted(f["clients"])) or None
+            f.flush()
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            self.close()
+            raise UserError(f"cannot resume {path}: {e}") from None
+        except UserError:
+            self.close()
+            raise
+        return self, ckpt.round, ckpt.arrays
 
     # -- lifetime ----------------------------------------------------------
 
@@ -530,7 +568,10 @@ class ResultsWriter:
             self._file.close()
         finally:
             self._file = None
-            _OPEN_WRITERS.discard(self._realpath)
+            OPEN_WRITERS.discard(self._realpath)
+            if self._own_lock is not None:
+                os.close(self._own_lock)
+                self._own_lock = None
 
     def __enter__(self) -> "ResultsWriter":
         return self
@@ -539,168 +580,31 @@ class ResultsWriter:
         self.close()
 
 
-# -- reading ---------------------------------------------------------------
-
-def _py(value):
-    """h5py attribute value -> plain Python (numpy scalars to int/float)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
-def _read_columns(group) -> dict[str, np.ndarray]:
-    """Read equal-length columns, cut to the shortest.
-
-    The writer keeps columns equal; unequal lengths can only come from a
-    writer killed mid-round whose partial writes reached the disk, and that
-    round's row is incomplete, so it's dropped.
-    """
-    if group is None:
-        return {}
-    cols = {name: ds[()] for name, ds in group.items()
-            if isinstance(ds, h5py.Dataset)}
-    if cols:
-        n = min(len(c) for c in cols.values())
-        cols = {name: c[:n] for name, c in cols.items()}
-    return cols
-
-
-_LIVE_SECONDS = 30.0  # a file modified this recently may be mid-write by its job
-_READ_ATTEMPTS = 6
-
-
-def read_run(path: str) -> dict:
-    """Read a whole results file (also one still being written) into memory.
-
-    Returns {"config", "attrs", "rounds", "clients", "partition", "params",
-    "layer_sizes"}; "params" is /model/params or None if not written yet.
-
-    Without SWMR, a reader can catch the writer between two metadata writes
-    (measured: about 1 read in 100 during a fast run fails with "bad object
-    header" or similar). Such a read is retried after a short pause, as long
-    as the file is live (recently modified); the writer is never affected.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"results file {path} does not exist")
-    for attempt in range(_READ_ATTEMPTS):
-        try:
-            return _read_run_once(path)
-        except _Transient as e:
-            live = time.time() - os.path.getmtime(path) < _LIVE_SECONDS
-            if not live or attempt == _READ_ATTEMPTS - 1:
-                raise UserError(f"cannot read results file {path}: {e}") from None
-            time.sleep(0.05 * 2 ** attempt)
-    raise AssertionError("unreachable")
-
-
-class _Transient(Exception):
-    """A read failure that a file being written can cause."""
-
-
-def _read_run_once(path: str) -> dict:
-    # locking=False: a reader must neither wait for nor block the running
-    # job that writes this file. Exception: a file this process is writing,
-    # where HDF5 insists on the writer's own locking setting (and shares the
-    # open file, so no lock is taken anyway).
-    same_process = os.path.realpath(path) in _OPEN_WRITERS
-    locking = _WRITER_LOCKING if same_process else False
+def _check_fingerprint(path: str, now: dict) -> None:
+    """UserError naming what differs between the data fingerprint in path and `now`."""
     try:
-        f = h5py.File(path, "r", locking=locking)
-    except OSError as e:
-        if not h5py.is_hdf5(path):
-            raise UserError(f"{path} is not an HDF5 file, so not a fedmpi "
-                            f"results file") from None
-        raise _Transient(e) from None
-    try:
-        return _read_open_file(f, path)
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise _Transient(e) from None
-    finally:
-        f.close()
-
-
-def _read_open_file(f: h5py.File, path: str) -> dict:
-    if "layout_version" not in f.attrs:
-        raise UserError(f"{path} is an HDF5 file but not a fedmpi "
-                        f"results file (no layout_version attribute)")
-    version = int(f.attrs["layout_version"])
-    if version > LAYOUT_VERSION:
+        with h5py.File(path, "r", locking=False) as f:
+            stored = f.attrs.get("data_fingerprint")
+            if isinstance(stored, bytes):
+                stored = stored.decode()
+            stored = None if stored is None else json.loads(str(stored))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UserError(f"cannot read the data fingerprint of {path}") from None
+    if stored is None:
+        return  # written before fingerprints: nothing to compare with
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: its data_fingerprint attribute is not a JSON object")
+    changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    if changed:
         raise UserError(
-            f"results file {path} has layout version {version}, newer "
-            f"than this fedmpi reads ({LAYOUT_VERSION}): upgrade fedmpi")
-    attrs = {k: _py(v) for k, v in f.attrs.items()}
-    model = f.get("model")
-    params = None
-    layer_sizes: list[int] = []
-    if model is not None:
-        if "params" in model:
-            params = model["params"][()]
-        if "layer_sizes" in model.attrs:
-            layer_sizes = [int(s) for s in model.attrs["layer_sizes"]]
-    return {
-        "config": json.loads(attrs.get("config", "{}")),
-        "attrs": attrs,
-        "rounds": _read_columns(f.get("rounds")),
-        "clients": _read_columns(f.get("clients")),
-        "partition": {name: ds[()]
-                      for name, ds in f.get("partition", {}).items()},
-        "params": params,
-        "layer_sizes": layer_sizes,
-    }
+            f"cannot resume {path}: the " + ", ".join(
+                f"{k} (file {stored.get(k)}, now {now.get(k)})" for k in changed)
+            + " changed since the run started, so the resumed rounds would not continue it; "
+            "resume with the run's own data and NumPy, or start a new run")
 
 
-def layers_from_flat(params: np.ndarray,
-                     layer_sizes) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Split a flat parameter vector into per-layer (W, b) views.
+# -- reading: fedmpi.reading and fedmpi.analysis; names kept here for old imports --
 
-    W_l has shape (layer_sizes[l], layer_sizes[l+1]), b_l (layer_sizes[l+1],);
-    the layout written by ResultsWriter.write_params. No data is copied.
-    """
-    flat = np.asarray(params)
-    sizes = [int(s) for s in layer_sizes]
-    expected = _num_params(sizes)
-    if flat.ndim != 1 or flat.size != expected:
-        raise ValueError(f"expected a flat vector of {expected} values for "
-                         f"layer sizes {sizes}, got shape {flat.shape}")
-    layers = []
-    offset = 0
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        w = flat[offset:offset + n_in * n_out].reshape(n_in, n_out)
-        offset += n_in * n_out
-        b = flat[offset:offset + n_out]
-        offset += n_out
-        layers.append((w, b))
-    return layers
-
-
-def read_checkpoint(path: str) -> tuple[dict, int, dict[str, np.ndarray]] | None:
-    """(config, round, arrays) of the run's last complete checkpoint, or None."""
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError:
-        return None
-    with f:
-        if "layout_version" not in f.attrs or "config" not in f.attrs:
-            return None
-        group = f.get("checkpoint")
-        if group is None or "current" not in group.attrs:
-            return None
-        slot = group[f"slot{int(group.attrs['current'])}"]
-        arrays = {name: ds[...] for name, ds in slot.items()}
-        return json.loads(_py(f.attrs["config"])), int(slot.attrs["round"]), arrays
-
-
-def load(path: str):
-    """The run in `path` as a fedmpi.analysis.Run (config, rounds, clients, params...)."""
-    from fedmpi.analysis import load as _load  # analysis builds on this module
-
-    return _load(path)
-
-
-def load_many(paths_or_glob, target: float | None = None):
-    """One row per run with config keys as columns (see fedmpi.analysis.load_many)."""
-    from fedmpi.analysis import load_many as _load_many
-
-    return _load_many(paths_or_glob, target=target)
+__all__ = ["CLIENT_FIELDS", "LAYOUT_VERSION", "ROUND_FIELDS", "ResultsWriter",
+           "check_output_path", "layers_from_flat", "load", "load_many", "read_checkpoint",
+           "read_run"]

@@ -1,8 +1,12 @@
-"""Every random draw of a run comes from a generator made here.
+"""The random draws of a run's rounds come from generators made here.
 
 A generator is named by (run seed, purpose, round, client): never by the MPI
 rank or by global state, so a client's draws are the same whichever rank
-trains it and however many ranks there are.
+trains it and however many ranks there are. Three streams are seeded the
+same way but elsewhere, next to the code that owns them: the data split
+(fedmpi.data.partition, PARTITION_PURPOSE), the synthetic data set
+(fedmpi.data.synthetic, SYNTHETIC_PURPOSE), and the kernels' warm-up in
+fedmpi.runtime.loop, whose draws train a throwaway copy and reach no result.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ PURPOSES = {
     "dp-noise": 4,  # Gaussian noise added to a round's sum of clipped updates (rank 0)
     "dp-clip-count": 5,  # noise on the count of unclipped clients (adaptive clipping)
     "dropout": 6,  # which sampled clients fail to report in a round
+    "canary": 7,  # which canary clients take part in a round (empirical privacy)
+    "canary-direction": 8,  # a canary's random unit update
 }
 
 

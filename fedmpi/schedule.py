@@ -6,27 +6,35 @@ import numpy as np
 
 from fedmpi.rng import generator
 
-SAMPLINGS = ("fixed", "poisson")
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_: int,
-                   sampling: str = "fixed") -> np.ndarray:
+                   sampling: str = "fixed", sizes: np.ndarray | None = None) -> np.ndarray:
     """Client ids of a round, in ascending order.
 
-    fixed: exactly `per_round` clients drawn without replacement.
+    fixed: exactly `per_round` clients drawn without replacement: uniformly, or,
+    given the clients' sample counts `sizes`, each draw with probability
+    proportional to n_k among the clients not yet drawn (as FedProx's code
+    samples: numpy choice with p = n_k/n, replace=False).
     poisson: each client independently with probability q = per_round /
     num_clients (a round may have none). Drawn as a Binomial(N, q) count and
     then that many distinct clients uniformly -- the same distribution as N
     independent coin flips, at O(count) cost instead of O(N).
     """
     rng = generator(seed, "sample", round_)
+    p = None
     if sampling == "poisson":
+        if sizes is not None:
+            raise ValueError("Poisson sampling is uniform: no sample-proportional variant")
         count = int(rng.binomial(num_clients, per_round / num_clients))
     elif sampling == "fixed":
         count = per_round
+        if sizes is not None:
+            p = np.asarray(sizes, np.float64)
+            p = p / p.sum()
     else:
         raise ValueError(f"unknown sampling {sampling!r}")
-    return np.sort(rng.choice(num_clients, size=count, replace=False)).astype(np.int64)
+    return np.sort(rng.choice(num_clients, size=count, replace=False, p=p)).astype(np.int64)
 
 
 def dropouts(clients: np.ndarray, rate: float, seed: int, round_: int) -> np.ndarray:

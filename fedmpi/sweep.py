@@ -44,8 +44,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from fedmpi.cli import run_tool
-from fedmpi.config import FIELDS, Config, from_dict, read_toml
+from fedmpi.cli import ArgumentParser, run_tool
+from fedmpi.config import EXECUTION_KEYS, FIELDS, Config, from_dict, read_toml
 from fedmpi.errors import UserError
 
 PROG = "fedmpi-sweep"
@@ -53,6 +53,8 @@ PROG = "fedmpi-sweep"
 RESERVED = {"out": "the results file is <out_dir>/<task name>.h5",
             "resume": "every task runs with --resume auto",
             "overwrite": "a task continues its file rather than replace it"}
+# only settings that do not change results may be the sweep's to choose
+assert set(RESERVED) <= set(EXECUTION_KEYS), "RESERVED must be execution settings (config.py)"
 TOP_LEVEL = ("name", "out_dir", "base", "grid")
 
 
@@ -283,11 +285,6 @@ def submit_command(grid: Grid, indices: list[int], *, script: str | None = None,
 
 # -- command line --------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see python -m fedmpi.sweep --help)")
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -299,10 +296,10 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fedmpi.sweep",
+    p = ArgumentParser(prog="python -m fedmpi.sweep",
                 description="A grid of fedmpi runs as a SLURM array job (one task per "
                             "combination of the [grid] values; see jobs/README.md).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
     for name, help_ in (("list", "index, name and results file of every task"),
                         ("count", "the number of tasks (for sbatch --array=0-<count-1>)"),

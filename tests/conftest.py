@@ -9,6 +9,7 @@ finished job is still running -- without guessing by process name.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,29 @@ def launch_fedmpi(args, ranks: int = 1, timeout: float = 120, env: dict | None =
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     result.token = token
     return result
+
+
+_NOTICE_RULE = re.compile(r"^\s*(-{20,}|={20,})\s*$")
+
+
+def fedmpi_lines(stderr: str) -> list[str]:
+    """The lines of stderr that fedmpi printed, without the MPI launcher's notices.
+
+    Launchers add their own report when a rank exits non-zero: Open MPI's
+    mpiexec prints blocks framed by lines of dashes ("Primary job terminated
+    normally, but 1 process returned a non-zero exit code ..."), MPICH's
+    hydra blocks framed by lines of '=' ("BAD TERMINATION ..."). Those blocks
+    are dropped whole; everything else is fedmpi's (or a traceback, which
+    the tests then see).
+    """
+    lines, inside = [], False
+    for line in stderr.splitlines():
+        if _NOTICE_RULE.match(line):
+            inside = not inside
+            continue
+        if not inside and line.strip():
+            lines.append(line)
+    return lines
 
 
 def describe(result: subprocess.CompletedProcess) -> str:

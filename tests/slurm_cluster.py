@@ -55,7 +55,8 @@ ReturnToService=2
 # keep finished jobs visible to scontrol for the whole test session
 MinJobAge=3600
 KillWait=10
-# the node declares 8 CPUs, whatever the machine has (GUIDE.md section 3)
+# the node declares 8 CPUs, whatever the machine has: SlurmdParameters=config_overrides
+# below lets slurmd accept that on a 2-core machine instead of draining the node
 SlurmdParameters=config_overrides
 NodeName={host} CPUs=8 Sockets=1 CoresPerSocket=8 ThreadsPerCore=1 RealMemory=16000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES

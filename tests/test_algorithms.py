@@ -130,30 +130,84 @@ def test_trimmed_mean_against_scipy(k, trim):
                                trim_mean(u.astype(np.float64), trim, axis=0), rtol=1e-12)
 
 
-def test_robust_combiners_ignore_a_byzantine_client_and_the_order():
+def test_robust_combiners_ignore_a_byzantine_client_in_any_order():
     rng = np.random.default_rng(3)
     u = rng.normal(scale=0.01, size=(9, 30)).astype(np.float32)
     u[4] = 1e6  # one attacker
-    for combine in (robust.coordinate_median, lambda x: robust.trimmed_mean(x, 0.2)):
-        out = combine(u)
-        assert np.abs(out).max() < 0.05
-        assert np.array_equal(out, combine(u[rng.permutation(9)]))
-    assert np.abs(u.astype(np.float64).mean(axis=0)).min() > 1e5  # the plain mean is ruined
+    honest = np.delete(u, 4, axis=0).astype(np.float64)
+    # written out per coordinate: the median of 9 values with one at +1e6 is the 5th
+    # smallest honest value; trimming 1 per side drops the attacker and the smallest
+    cols = [sorted(honest[:, j]) for j in range(30)]
+    want_median = np.array([c[4] for c in cols])
+    want_trimmed = np.array([sum(c[1:]) / 7 for c in cols])
+    for _ in range(5):
+        perm = rng.permutation(9)
+        np.testing.assert_array_equal(robust.coordinate_median(u[perm]), want_median)
+        np.testing.assert_allclose(robust.trimmed_mean(u[perm], 0.2), want_trimmed,
+                                   rtol=1e-12, atol=0)
 
 
-def test_robust_aggregation_is_bitwise_identical_across_ranks(tmp_path):
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "uniform_mean"])
+def test_robust_aggregation_against_reference_across_ranks(tmp_path, small_npz, aggregator):
+    """One round, 5 clients trained by the plain NumPy SGD of test_mpi; the server
+    steps by the coordinate-wise median (or trimmed mean) of their deltas, at 1 and 4
+    ranks. The plain mean gives other parameters, so an ignored --aggregator fails.
+    uniform_mean: --client-weighting uniform, the unweighted mean of the deltas
+    (FedAdam's Algorithm 2), on a Dirichlet split whose clients differ in size."""
     import os
     import shutil
+
+    from test_mpi import _split, reference_sgd
+
+    from fedmpi.data.partition import make_partition
 
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install mpich)")
-    base = ["-m", "fedmpi", "--clients", "12", "--clients-per-round", "5", "--rounds", "3",
-            "--hidden", "8", "--aggregator", "median"]
+    seed, hidden, k, lr = 3, (6,), 5, 0.1
+    base = ["-m", "fedmpi", "--dataset", f"npz:{small_npz}", "--clients", str(k),
+            "--clients-per-round", str(k), "--rounds", "1", "--hidden", "6", "--batch-size", "16",
+            "--lr", str(lr), "--seed", str(seed)]
+    if aggregator == "uniform_mean":
+        base += ["--client-weighting", "uniform", "--partition", "dirichlet", "--alpha", "1"]
+    else:
+        base += ["--aggregator", aggregator, "--trim", "0.2"]
     subprocess.run([sys.executable, *base, "--out", str(tmp_path / "1.h5")], check=True,
                    capture_output=True, timeout=120)
     subprocess.run([mpiexec, "-n", "4", sys.executable, *base, "--out", str(tmp_path / "4.h5")],
                    check=True, capture_output=True, timeout=120)
+
+    with np.load(small_npz) as z:
+        x = z["x_train"].astype(np.float64) / 255.0
+        y = z["y_train"]
+        classes = int(max(y.max(), z["y_test"].max())) + 1
+    sizes = (x.shape[1], *hidden, classes)
+    init = MLP(sizes).init(generator(seed, "init"), "glorot_uniform").astype(np.float64)
+    if aggregator == "uniform_mean":
+        part = make_partition("dirichlet", y, k, seed=seed, alpha=1.0)
+        assert part.sizes.max() > 1.5 * part.sizes.min()  # weighting by n_k would differ
+    else:
+        part = make_partition("iid", y, k, seed=seed)
+    deltas = []
+    for c in range(k):
+        idx = part.indices(c)
+        order = idx[generator(seed, "shuffle", 1, c).permutation(len(idx))]
+        layers = _split(init.astype(np.float32), sizes)
+        reference_sgd(layers, x, y, order, 16, lr)
+        deltas.append(np.concatenate([np.concatenate([w.ravel(), b]) for w, b in layers]) - init)
+    deltas = np.array(deltas)
+    s = np.sort(deltas, axis=0)
+    if aggregator == "uniform_mean":
+        expected = init + deltas.mean(axis=0)
+        other = init + part.sizes @ deltas / part.sizes.sum()  # the sample-weighted mean
+    else:
+        expected = init + (s[k // 2] if aggregator == "median" else s[1:k - 1].mean(axis=0))
+        other = init + deltas.mean(axis=0)
+    assert np.abs(expected - other).max() > 1e-3, "the test would be vacuous"
+
     with h5py.File(tmp_path / "1.h5") as a, h5py.File(tmp_path / "4.h5") as b:
-        assert np.array_equal(a["model/params"][:], b["model/params"][:])
-        assert json.loads(a.attrs["config"])["aggregator"] == "median"
+        got = a["model/params"][:]
+        assert np.array_equal(got.view(np.uint32), b["model/params"][:].view(np.uint32))
+        config = json.loads(a.attrs["config"])
+        assert config["aggregator"] == aggregator or config["client_weighting"] == "uniform"
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)

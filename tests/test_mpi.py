@@ -12,6 +12,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime
 
@@ -20,8 +22,8 @@ import numpy as np
 import pytest
 
 import fedmpi
-from conftest import (SMALL_SYNTHETIC, describe, launch_fedmpi, leftover_processes,
-                      requires_mpiexec)
+from conftest import (MPIEXEC, REPO, SMALL_SYNTHETIC, describe, fedmpi_lines, launch_fedmpi,
+                      leftover_processes, requires_mpiexec)
 from fedmpi.config import Config
 from fedmpi.data import load_dataset
 from fedmpi.model.mlp import MLP
@@ -378,3 +380,96 @@ def test_signal_single_process(start_fedmpi, tmp_path, numba_warm, sig):
         assert {ds.shape[0] for ds in f["clients"].values()} == {6 * len(run["rounds"]["round"])}
     assert not math.isnan(run["rounds"]["train_loss"][0])
     assert not leftover_processes(job.token)
+
+
+@requires_mpiexec
+def test_signal_to_a_worker_stops_at_rank_0s_safe_point(start_fedmpi, tmp_path, numba_warm):
+    """A worker rank signalled alone (a stray kill, a node's OOM handler) must not abort
+    the job under rank 0's writes: rank 0 stops after writing the round, as if signalled."""
+    out = tmp_path / "run.h5"
+    job = start_fedmpi(LONG_RUN + ["--out", out], ranks=4)
+    wait_for_rounds(job, out, 2)
+    ranks = job.rank_pids()
+    assert sorted(ranks) == [0, 1, 2, 3], ranks
+    os.kill(ranks[2], signal.SIGTERM)
+    status = job.wait(timeout=60)
+    assert status == 128 + signal.SIGTERM, job.describe()
+    assert "fedmpi: interrupted by SIGTERM" in job.stderr, job.describe()
+    assert "Traceback" not in job.stderr, job.describe()
+    assert not [ln for ln in fedmpi_lines(job.stderr) if "failed" in ln], job.describe()
+    run = check_readable(out, 2)
+    n = len(run["rounds"]["round"])
+    with h5py.File(out, "r") as f:  # closed by rank 0: complete rows and a checkpoint of the last
+        assert {ds.shape[0] for ds in f["rounds"].values()} == {n}
+        assert {ds.shape[0] for ds in f["clients"].values()} == {6 * n}
+        assert int(f["checkpoint"].attrs["round"]) == n
+    assert not leftover_processes(job.token)
+
+
+@requires_mpiexec
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_ranks_per_node_must_be_a_positive_integer(run_fedmpi, tmp_path, value):
+    res = run_fedmpi(SMALL_SYNTHETIC + ["--out", tmp_path / "r.h5"], ranks=3,
+                     env={"FEDMPI_RANKS_PER_NODE": value}, timeout=60)
+    assert res.returncode == 2, describe(res)
+    lines = fedmpi_lines(res.stderr)
+    assert len(lines) == 1 and "FEDMPI_RANKS_PER_NODE" in lines[0] and repr(value) in lines[0], \
+        describe(res)
+    assert not (tmp_path / "r.h5").exists()
+
+
+@requires_mpiexec
+def test_ranks_per_node_must_be_equal_on_every_rank(tmp_path):
+    """Ranks that cut the job into different virtual nodes would deadlock."""
+    env = {k: v for k, v in os.environ.items() if k != "FEDMPI_RANKS_PER_NODE"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    base = [sys.executable, "-m", "fedmpi", *SMALL_SYNTHETIC, "--out", str(tmp_path / "r.h5")]
+    # MPMD: rank 0 without the variable, ranks 1-2 with it (`env` works with every launcher)
+    cmd = [MPIEXEC, "-n", "1", *base, ":", "-n", "2", "env", "FEDMPI_RANKS_PER_NODE=2", *base]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2, describe(res)
+    lines = fedmpi_lines(res.stderr)
+    assert len(lines) == 1 and "differs between ranks" in lines[0], describe(res)
+
+
+def test_default_output_names_are_unique(tmp_path, numba_warm):
+    """Two runs started in the same second without --out write two files."""
+    procs = [subprocess.Popen([sys.executable, "-m", "fedmpi", *SMALL_SYNTHETIC, "--rounds", "1"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": REPO})
+             for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    files = sorted((tmp_path / "results").glob("*.h5"))
+    assert len(files) == 2, files
+    for f in files:
+        assert len(read_run(str(f))["rounds"]["round"]) == 1
+
+
+_GATHER_SCRIPT = """
+import numpy as np
+from mpi4py import MPI
+from fedmpi.runtime import comm as C
+comm = MPI.COMM_WORLD
+# clients spread over ranks in no particular order; rank 0 trains some too
+by_rank = [[7, 2], [0, 9, 4], [3], [8, 1, 5, 6]][:comm.size]
+mine = by_rank[comm.rank]
+rows = np.array([[c, c * 10.0 + comm.rank] for c in mine], np.float32).reshape(len(mine), 2)
+got = C.gather_in_client_order(comm, rows, by_rank)
+if comm.rank == 0:
+    ids = sorted(c for ids in by_rank for c in ids)
+    where = {c: r for r, ids in enumerate(by_rank) for c in ids}
+    want = np.array([[c, c * 10.0 + where[c]] for c in ids], np.float32)
+    assert np.array_equal(got, want), got
+    print("ok")
+else:
+    assert got is None
+"""
+
+
+@requires_mpiexec
+def test_gather_puts_updates_in_client_id_order(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    res = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-c", _GATHER_SCRIPT],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", describe(res)

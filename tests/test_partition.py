@@ -72,11 +72,21 @@ def test_iid_is_shuffled():
 
 
 def test_shards_mcmahan_setting():
-    p = make_partition("shards", LABELS, 100, seed=0, shards_per_client=2)
-    check_valid(p, len(LABELS), 100)
-    h = p.label_histogram(LABELS, 10)
-    assert ((h > 0).sum(axis=1) <= 2).all()
+    # Shuffled labels: were they not sorted first, shards would mix classes (on
+    # already sorted labels any contiguous split would pass).
+    labels = LABELS[np.random.default_rng(1).permutation(len(LABELS))]
+    p = make_partition("shards", labels, 100, seed=0, shards_per_client=2)
+    check_valid(p, len(labels), 100)
+    h = p.label_histogram(labels, 10)
     assert (p.sizes == 60).all()
+    # 200 shards of 30 samples, each of one class (600 per class = 20 whole shards):
+    # a client holds 30 or 60 samples of each class it has, at most 2 classes
+    assert set(np.unique(h).tolist()) <= {0, 30, 60}
+    assert ((h > 0).sum(axis=1) <= 2).all()
+    np.testing.assert_array_equal(h.sum(axis=0), 600)
+    # the shards are dealt at random: most clients get two classes, some one
+    two = ((h > 0).sum(axis=1) == 2).mean()
+    assert 0.7 < two < 1.0
 
 
 def test_shards_per_client_option():
@@ -151,3 +161,24 @@ def test_bad_arguments():
         make_partition("shards", np.zeros(30, dtype=np.int32), 20, seed=0, shards_per_client=2)
     with pytest.raises(UserError, match="--clients"):
         make_partition("iid", LABELS, 0, seed=0)
+
+
+def test_dirichlet_clients_hsu_et_al():
+    labels = LABELS[np.random.default_rng(2).permutation(len(LABELS))]
+    for alpha, lo, hi in ((0.1, 0.5, 1.0), (1000.0, 0.0, 0.15)):
+        p = make_partition("dirichlet_clients", labels, 50, seed=0, alpha=alpha)
+        check_valid(p, len(labels), 50)
+        assert (p.sizes == 120).all()  # equal sizes, as iid
+        assert lo < mean_tv_distance(p, labels, 10) < hi, alpha
+    # E[q] = p: pooled over clients, the classes keep their shares (here every sample
+    # is used, so exactly)
+    np.testing.assert_array_equal(p.label_histogram(labels, 10).sum(axis=0), 600)
+
+
+def test_dirichlet_clients_with_unbalanced_classes():
+    # class 0 is 10% of the data: the clients whose q favours it exhaust it and the
+    # draw passes on to the other classes
+    labels = np.concatenate([np.zeros(100, np.int32), np.ones(900, np.int32)])
+    p = make_partition("dirichlet_clients", labels, 10, seed=3, alpha=0.05)
+    check_valid(p, 1000, 10)
+    assert (p.sizes == 100).all()

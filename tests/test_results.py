@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -250,16 +251,46 @@ def test_check_output_path_parent_is_file(tmp_path):
         check_output_path(str(blocker / "sub" / "x.h5"), overwrite=False)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
-def test_check_output_path_unwritable_dir(tmp_path):
-    locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o555)
+def _as_unprivileged(fn) -> int:
+    """fn()'s int result, computed as user nobody in a forked child if we are root
+    (root ignores permissions), else right here."""
+    if os.geteuid() != 0:
+        return fn()
+    pid = os.fork()
+    if pid == 0:  # child: drop root for good, answer through the exit status
+        status = 99
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            status = fn()
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_check_output_path_unwritable_dir():
+    # real permissions, also when the tests run as root (then as nobody in a child)
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="fedmpi-perm-")  # not under root's private tmp_path
+    os.chmod(base, 0o755)
+    locked = os.path.join(base, "ro")
+    os.mkdir(locked, 0o555)
+    os.chmod(locked, 0o555)
+
+    def check() -> int:
+        try:
+            check_output_path(os.path.join(locked, "x.h5"), overwrite=False)
+        except UserError as e:
+            return 0 if "not writable" in str(e) else 2
+        return 1
+
     try:
-        with pytest.raises(UserError, match="not writable"):
-            check_output_path(str(locked / "x.h5"), overwrite=False)
+        assert _as_unprivileged(check) == 0
     finally:
-        locked.chmod(0o755)
+        os.chmod(locked, 0o755)
+        shutil.rmtree(base)
 
 
 def test_check_output_path_unwritable_dir_any_user(tmp_path, monkeypatch):
@@ -341,3 +372,59 @@ def test_read_while_writer_open_other_process(tmp_path):
 def test_layers_from_flat_checks_length():
     with pytest.raises(ValueError):
         layers_from_flat(np.zeros(NUM_PARAMS - 1), LAYER_SIZES)
+
+
+def test_writer_keeps_its_file_locked_without_hdf5_locking(tmp_path):
+    """HDF5_USE_FILE_LOCKING=FALSE (set by some sites for every job) turns HDF5's lock
+    off; the writer's own lock must still stop an --overwrite of its live file.
+    (HDF5 reads the variable once, when the library starts: hence a subprocess.)"""
+    path = tmp_path / "run.h5"
+    writer = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from fedmpi.results import ResultsWriter
+        w = ResultsWriter({str(path)!r}, overwrite=False, config={{}}, attrs={{}},
+                          layer_sizes=[2, 1], partition_sizes=np.array([1]),
+                          label_histogram=np.array([[1]]))
+        print("open", flush=True)
+        sys.stdin.readline()
+        w.close()
+    """)
+    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE", "PYTHONPATH": REPO}
+    p = subprocess.Popen([sys.executable, "-c", writer], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "open"
+        size = path.stat().st_size
+        with pytest.raises(UserError, match="open in another process"):
+            check_output_path(str(path), overwrite=True)
+        with pytest.raises(UserError, match="open in another process"):
+            make_writer(path, overwrite=True)
+        assert path.stat().st_size == size
+    finally:
+        p.communicate("\n", timeout=30)
+    assert p.returncode == 0
+    check_output_path(str(path), overwrite=True)  # closed: free again
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "x.h5"
+    os.mkfifo(fifo)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not a regular file"):
+            check_output_path(str(fifo), overwrite=overwrite)
+    with pytest.raises(UserError, match="not a regular file"):
+        ResultsWriter.reopen(str(fifo))
+
+
+@pytest.mark.parametrize("loss, units", [("cross_entropy", "nats"), ("mse", "1")])
+def test_loss_units_follow_the_loss(tmp_path, loss, units):
+    path = tmp_path / "run.h5"
+    with make_writer(path, config={**CONFIG, "loss": loss}) as w:
+        w.append_round({"round": 1, "test_loss": 0.5, "train_loss": 0.4})
+        w.append_clients({"round": [1], "train_loss": [0.4]})
+    with h5py.File(path, "r") as f:
+        assert f["rounds/test_loss"].attrs["units"] == units
+        assert f["rounds/train_loss"].attrs["units"] == units
+        assert f["clients/train_loss"].attrs["units"] == units
+        assert "cross-entropy" not in f["rounds/test_loss"].attrs["description"]

@@ -19,6 +19,7 @@ from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.model import kernels
 from fedmpi.model.mlp import MLP
+from fedmpi.pipeline import restore
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class FedAvg:
 
     With the default server optimizer: w <- w + server_lr * sum_k (n_k / n) (w_k - w),
     server_lr = 1 being the paper's; --server-optimizer avgm/adam/yogi give
-    FedAvgM, FedAdam and FedYogi (see server_opt.py).
+    FedAvgM, FedAdam and FedYogi (see server_opt.py). --client-weighting uniform
+    replaces n_k / n by 1 / K (as in FedAdam/FedYogi's Algorithm 2).
     """
 
     def __init__(self, cfg: Config, model: MLP):
@@ -72,7 +74,8 @@ class FedAvg:
         return robust.trimmed_mean(updates, self.cfg.trim)
 
     def weight(self, num_samples: int) -> float:
-        return float(num_samples)
+        """A client's weight in the mean (normalised over the round's clients)."""
+        return float(num_samples) if self.cfg.client_weighting == "samples" else 1.0
 
     def server_state(self) -> dict[str, np.ndarray]:
         """Server-side state beyond the model, saved in checkpoints."""
@@ -80,7 +83,7 @@ class FedAvg:
 
     def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
         for name, a in self.server_opt.state.items():
-            a[...] = arrays[name]
+            restore(a, arrays, name, f"server optimizer {self.server_opt.kind}")
 
     def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
         """New global params (float32) from the float64 weighted mean update."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-AGGREGATORS = ("mean", "median", "trimmed_mean")
-
 
 def coordinate_median(updates: np.ndarray) -> np.ndarray:
     """(K, P) float32 updates -> (P,) float64 coordinate-wise median."""

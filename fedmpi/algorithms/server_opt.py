@@ -1,7 +1,9 @@
 """Server optimizers: how the server turns the mean client update into a step.
 
-The mean update Delta_t = sum_k (n_k/n) (w_k - w_t) is used as a pseudo-gradient
-(with the sign of a descent direction already applied), in float64 on rank 0:
+The mean update Delta_t = sum_k (n_k/n) (w_k - w_t) -- or, with
+--client-weighting uniform, (1/K) sum_k (w_k - w_t) as in Reddi et al.'s
+Algorithm 2 -- is used as a pseudo-gradient (with the sign of a descent
+direction already applied), in float64 on rank 0:
 - sgd:  w <- w + eta * Delta                      (FedAvg with eta = 1)
 - avgm: v <- beta v + Delta; w <- w + eta v        (FedAvgM, Hsu et al. 2019)
 - adam: m <- b1 m + (1-b1) Delta; v <- b2 v + (1-b2) Delta^2;
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
+from fedmpi.config import SERVER_OPTIMIZERS  # the names users choose from: one list
 
 
 class ServerOptimizer:

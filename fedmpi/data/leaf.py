@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from fedmpi.cli import ToolParser, run_tool
+from fedmpi.cli import ArgumentParser, run_tool
 from fedmpi.errors import UserError
 
 PROG = "fedmpi-data"
@@ -142,8 +142,8 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def build_parser() -> ToolParser:
-    p = ToolParser(prog=PROG, description="Prepare federated data sets for fedmpi.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description="Prepare federated data sets for fedmpi.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     s = sub.add_parser("convert", help="LEAF JSON split -> HDF5 in TensorFlow Federated's layout",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))

@@ -13,10 +13,18 @@ Methods:
 * ``shards`` -- McMahan et al., AISTATS 2017: sort by label, cut into
   ``num_clients * shards_per_client`` equal shards, deal each client
   ``shards_per_client`` random shards, so each client sees few classes.
-* ``dirichlet`` -- label skew via a Dirichlet prior (Hsu et al. 2019, in the
-  per-class form used by most later work): for each class, proportions over
-  the clients are drawn from Dir(alpha * 1) and that class's shuffled samples
-  are cut accordingly.  Small alpha -> each class lands on few clients.
+* ``dirichlet`` -- label skew, per class (the variant of NIID-Bench, Li et al.
+  ICDE 2022, and most later work; not Hsu et al.'s): for each class,
+  proportions over the clients are drawn from Dir(alpha * 1) and that class's
+  shuffled samples are cut accordingly; client sizes vary, a whole draw is
+  repeated until every client has at least one sample, and there is no cap.
+  Small alpha -> each class lands on few clients.
+* ``dirichlet_clients`` -- label skew, per client (Hsu et al. 2019, "Measuring
+  the effects of non-identical data distribution"): every client gets the
+  same number of samples (as iid) and its class proportions q ~ Dir(alpha * p),
+  p the classes' share of the training set; its samples are drawn class by
+  class from what is left, a class that runs out passing its share to the
+  others in proportion to q.
 
 All randomness comes from ``SeedSequence([seed, PARTITION_PURPOSE, attempt])``,
 never from global state, so a partition is a pure function of its arguments.
@@ -32,7 +40,7 @@ import numpy as np
 
 from fedmpi.errors import UserError
 
-METHODS = ("natural", "iid", "shards", "dirichlet")
+METHODS = ("natural", "iid", "shards", "dirichlet", "dirichlet_clients")
 
 # Second word of the seed sequence ("PART" in ASCII); it keeps partition
 # randomness independent of other streams drawn from the same --seed.
@@ -151,6 +159,35 @@ def _dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float) ->
     )
 
 
+def _dirichlet_clients(labels: np.ndarray, num_clients: int, seed: int,
+                       alpha: float) -> Partition:
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = _rng(seed)
+    left = [list(rng.permutation(np.flatnonzero(labels == k))) for k in classes]
+    remaining = counts.astype(np.int64).copy()
+    prior = counts / counts.sum()
+    sizes = [len(part) for part in np.array_split(np.arange(len(labels)), num_clients)]
+    groups = []
+    for size in sizes:
+        q = rng.dirichlet(alpha * prior)
+        take = np.zeros(len(classes), np.int64)
+        need = size
+        while need > 0:  # classes that run out pass their share on, in proportion to q
+            open_ = remaining - take > 0
+            w = np.where(open_, q, 0.0)
+            w = w / w.sum() if w.sum() > 0 else open_ / open_.sum()
+            draw = np.minimum(rng.multinomial(need, w), remaining - take)
+            take += draw
+            need -= int(draw.sum())
+        group = []
+        for k in np.flatnonzero(take):
+            group.extend(left[k][:take[k]])
+            del left[k][:take[k]]
+        remaining -= take
+        groups.append(np.asarray(group, np.int64))
+    return _from_groups(groups)
+
+
 def make_partition(
     method: str,
     labels: np.ndarray,
@@ -191,4 +228,6 @@ def make_partition(
         return _shards(labels, num_clients, seed, shards_per_client)
     if not (np.isfinite(alpha) and alpha > 0):
         raise UserError(f"--alpha must be a positive number (got {alpha})")
+    if method == "dirichlet_clients":
+        return _dirichlet_clients(labels, num_clients, seed, alpha)
     return _dirichlet(labels, num_clients, seed, alpha)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 import traceback
 
 from fedmpi.errors import UserError
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
         if root:
             build_parser().print_help()
         return 0
-    signals.install()
+    signals.install(defer=not root)  # a worker's stop goes through rank 0 (signals.py)
     try:
         cfg = parse_args(argv)
         run(cfg, comm, argv)
@@ -40,13 +39,9 @@ def main(argv: list[str] | None = None, comm=None) -> int:
             print(f"fedmpi: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Interrupted as e:
-        if root:
-            print(f"fedmpi: interrupted by {e}; finished rounds and the last checkpoint are in "
-                  "the results file (continue with --resume)", file=sys.stderr, flush=True)
-        else:
-            # Rank 0 has most likely been signalled too: let it close the
-            # results file before the abort below ends every rank.
-            time.sleep(3)
+        # only rank 0 raises it (workers defer their signals to it)
+        print(f"fedmpi: interrupted by {e}; finished rounds and the last checkpoint are in "
+              "the results file (continue with --resume)", file=sys.stderr, flush=True)
         status = 128 + e.signum
     except BaseException as e:  # noqa: BLE001 -- any failure must end the whole job
         print(f"fedmpi: rank {comm.rank}/{comm.size} failed: {type(e).__name__}: {e}",

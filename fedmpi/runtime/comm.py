@@ -63,6 +63,21 @@ def gather_rows(comm: MPI.Comm, rows: np.ndarray, counts: list[int]) -> np.ndarr
     return out if comm.rank == 0 else None
 
 
+def gather_in_client_order(comm: MPI.Comm, rows: np.ndarray,
+                           clients_by_rank: list) -> np.ndarray | None:
+    """Every rank's float32 rows on rank 0, one per client in ascending client id; None elsewhere.
+
+    clients_by_rank[r] lists the client ids whose rows rank r sends, in its
+    row order (known to every rank). The order does not depend on which rank
+    trained which client, so neither does anything computed from the rows.
+    """
+    stacked = gather_rows(comm, rows, [len(ids) for ids in clients_by_rank])
+    if comm.rank != 0:
+        return None
+    ids = np.concatenate([np.asarray(ids, np.int64) for ids in clients_by_rank])
+    return stacked[np.argsort(ids, kind="stable")]
+
+
 def allreduce_max(comm: MPI.Comm, buf: np.ndarray) -> None:
     """buf = elementwise max of every rank's buf, in place (exact)."""
     wait(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX))
@@ -76,10 +91,39 @@ def node_comm(comm: MPI.Comm) -> MPI.Comm:
     collectives between group leaders): how the multi-node code paths are
     tested on one machine.
     """
-    per_node = os.environ.get("FEDMPI_RANKS_PER_NODE")
+    per_node = os.environ.get(RANKS_PER_NODE)  # checked by check_ranks_per_node
     if per_node:
         return comm.Split(comm.rank // int(per_node), comm.rank)
     return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+
+
+RANKS_PER_NODE = "FEDMPI_RANKS_PER_NODE"
+
+
+def check_ranks_per_node(comm: MPI.Comm) -> None:
+    """UserError on every rank unless FEDMPI_RANKS_PER_NODE is unset or the same
+    integer >= 1 on all ranks.
+
+    Virtual nodes are only right if every rank cuts the job the same way: a
+    rank with another value (or none) would join other groups than the rest
+    and the node collectives would deadlock or mix data.
+    """
+    raw = os.environ.get(RANKS_PER_NODE, "")
+    error = None
+    if raw:
+        try:
+            ok = int(raw) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            error = (f"{RANKS_PER_NODE}={raw!r} on rank {comm.rank} is not an integer >= 1: "
+                     f"unset it (it simulates nodes of that many ranks, for tests)")
+    values = comm.allgather(raw)
+    if error is None and len(set(values)) > 1:
+        shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values) if v != values[0])
+        error = (f"{RANKS_PER_NODE} differs between ranks (rank 0: {values[0]!r}; {shown}): "
+                 "set it for the whole job or not at all")
+    agree(comm, error)
 
 
 def agree(comm: MPI.Comm, error: str | None) -> None:

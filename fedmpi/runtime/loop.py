@@ -20,6 +20,7 @@ The loop knows no feature by name: what transforms updates is a pipeline stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -36,6 +37,7 @@ from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.config import warnings as config_warnings
 from fedmpi.data import Dataset, footprint, load_dataset
+from fedmpi.data import fingerprint as fingerprint_of
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
 from fedmpi.model.mlp import MLP
@@ -49,7 +51,13 @@ EVAL_CHUNK = 250  # test samples per evaluation chunk: fixed, so sums do not dep
 
 
 def _default_out() -> str:
-    return os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S") + ".h5")
+    """results/<date>-<time>-<pid>.h5, with a suffix if taken: two runs started in the
+    same second get different files (ResultsWriter's exclusive create catches races)."""
+    stem = os.path.join("results", datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+    path, n = stem + ".h5", 1
+    while os.path.lexists(path):
+        path, n = f"{stem}-{n}.h5", n + 1
+    return path
 
 
 def _plan_output(cfg: Config):
@@ -59,7 +67,7 @@ def _plan_output(cfg: Config):
     which must hold a checkpoint of the same configuration. With --resume
     auto: continue --out if it holds a checkpoint, else start afresh there.
     """
-    from fedmpi.results import check_output_path, read_checkpoint, read_run
+    from fedmpi.results import check_output_path, read_checkpoint, read_run, require_regular_file
 
     if cfg.resume is None:
         out = cfg.out or _default_out()
@@ -70,27 +78,42 @@ def _plan_output(cfg: Config):
     if not auto and cfg.out is not None and os.path.abspath(cfg.out) != os.path.abspath(out):
         raise UserError(f"--out {cfg.out} and --resume {cfg.resume} name different files: "
                         "a resumed run continues in the file it resumes")
+    require_regular_file(out)  # before any open: a FIFO would block it forever
     if not os.path.exists(out):
         if auto:
             check_output_path(out, False)
             return out, None, False
         raise UserError(f"--resume {out}: no such file")
-    ckpt = read_checkpoint(out)
+    try:
+        ckpt = read_checkpoint(out)
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise UserError(f"--resume {out}: its checkpoint is damaged ({e}); start a new run "
+                        "(or --overwrite it)") from None
     if ckpt is None:
         if not auto:
             raise UserError(f"--resume {out}: the file holds no checkpoint; start the run "
                             "afresh (--resume auto does that by itself)")
-        read_run(out)  # only replace a file that is a fedmpi results file
+        # only replace a fedmpi results file, and only one of this same run
+        _refuse_other_config(cfg, out, read_run(out)["config"])
         check_output_path(out, True)
         return out, None, True
-    saved, _, _ = ckpt
+    saved, done, _ = ckpt
+    _refuse_other_config(cfg, out, saved)
+    if cfg.rounds < done:
+        raise UserError(f"cannot resume {out} with --rounds {cfg.rounds}: it holds {done} "
+                        f"rounds already; give --rounds {done} or more")
+    return out, ckpt, False
+
+
+def _refuse_other_config(cfg: Config, out: str, saved) -> None:
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {out}: its config attribute is not a JSON object")
     diff = cfg.differences(saved)
     if diff:
         mine = cfg.to_dict()
         raise UserError(f"cannot resume {out}: the configuration differs in "
                         + ", ".join(f"{k} (file {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
                         + "; give the run's own settings or start a new run")
-    return out, ckpt, False
 
 
 def _load_shared(cfg: Config, comm: MPI.Comm):
@@ -245,6 +268,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             error = str(e)
     C.agree(comm, error)
     cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
+    C.check_ranks_per_node(comm)
     cfg = _solve_noise(cfg, comm)
 
     data, _keep_alive = _load_shared(cfg, comm)
@@ -255,7 +279,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
-    pipeline = update_pipeline.build(cfg, model)
+    pipeline = update_pipeline.build(cfg, model, params)
     # per-client statistics that travel to rank 0 with one Reduce: training, the
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
     stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
@@ -273,9 +297,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             print(line, flush=True)
         for line in config_warnings(cfg):
             print(f"fedmpi: warning: {line}", file=sys.stderr, flush=True)
+        fingerprint = fingerprint_of(data, part.order, part.offsets)
+        attrs = {"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
+            [sys.executable, "-m", "fedmpi", *(argv or [])]),
+            "data_fingerprint": json.dumps(fingerprint, sort_keys=True), **pipeline.attrs()}
         try:  # the path was checked, but creating the file can still fail (disk, name, race)
             if ckpt is not None:
-                writer, done, arrays = ResultsWriter.reopen(cfg.out)
+                writer, done, arrays = ResultsWriter.reopen(
+                    cfg.out, config=cfg.to_dict(), attrs=attrs, data_fingerprint=fingerprint)
                 params[:] = arrays["params"]
                 algo.load_server_state(arrays)
                 pipeline.load_state(arrays)
@@ -283,9 +312,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 print(f"resuming {cfg.out} after round {done}", flush=True)
             else:
                 writer = ResultsWriter(
-                    cfg.out, overwrite=replace, config=cfg.to_dict(),
-                    attrs={"mpi_size": size, "ranks": " ".join(where), "command": shlex.join(
-                        [sys.executable, "-m", "fedmpi", *(argv or [])]), **pipeline.attrs()},
+                    cfg.out, overwrite=replace, config=cfg.to_dict(), attrs=attrs,
                     layer_sizes=list(model.sizes), partition_sizes=sizes,
                     label_histogram=part.label_histogram(data.y_train, data.num_classes),
                     client_ids=data.client_ids if cfg.partition == "natural" else None)
@@ -311,8 +338,9 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             rparams = pipeline.round_params(rnd) if root else None
             if pipeline.has_round_params:
                 rparams = comm.bcast(rparams, root=0)  # small control data (a clip norm)
-            sampled = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd,
-                                              cfg.sampling)
+            sampled = schedule.sample_clients(
+                cfg.clients, cfg.clients_per_round, cfg.seed, rnd, cfg.sampling,
+                sizes if cfg.client_sampling == "proportional" else None)
             clients = sampled[~schedule.dropouts(sampled, cfg.dropout_rate, cfg.seed, rnd)]
             plan = schedule.assign(clients, sizes, len(workers))
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
@@ -324,7 +352,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             updates = np.empty((len(mine), model.num_params), np.float32)
             # per client of the round (rows in `clients` order), columns `stat_cols`;
             # zero rows for clients of other ranks, so a sum collects them exactly
-            stats = np.zeros((len(clients), len(stat_cols)), np.float64)
+            # last row: (count, sum) of signals workers noted, to stop at rank 0's safe point
+            stats = np.zeros((len(clients) + 1, len(stat_cols)), np.float64)
             bounds = np.zeros(aggregate.num_blocks(model.num_params))
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
@@ -346,9 +375,9 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                                 "finite; lower --lr (or --server-lr)") from None
             if algo.needs_each_update:
                 by_rank = [plan[workers.index(r)] if r in workers else [] for r in range(size)]
-                stacked = C.gather_rows(comm, updates, [len(p) for p in by_rank])
-                if root:  # in client-id order, whoever trained them
-                    combined = algo.combine(stacked[np.argsort(np.concatenate(by_rank))])
+                in_order = C.gather_in_client_order(comm, updates, by_rank)
+                if root:
+                    combined = algo.combine(in_order)
             else:
                 acc = np.zeros(model.num_params, np.int64)
                 for i, c in enumerate(mine.tolist()):
@@ -358,6 +387,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 shared.sum_to_root(acc, total)
                 if root:
                     combined = aggregate.to_float(total, scales)
+            if not root:
+                stats[-1, :2] = signals.deferred_row()
             all_stats = np.zeros_like(stats) if root else None
             C.reduce_sum(comm, stats, all_stats)
 
@@ -365,7 +396,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if root:
                 update, stage_metrics = pipeline.server(
                     combined, rnd, clients,
-                    {k: all_stats[:, 2 + j] for j, k in enumerate(pipeline.client_columns)},
+                    {k: all_stats[:-1, 2 + j] for j, k in enumerate(pipeline.client_columns)},
                     cfg.clients_per_round, cfg.seed, rparams)
                 params = algo.server_step(params, update)
             shared.bcast_from_root(params)
@@ -379,11 +410,11 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 cols = {"round": np.full(len(clients), rnd), "client_id": clients,
                         "rank": np.array([rank_of[c] for c in clients.tolist()], np.int64),
                         "num_samples": sizes[clients]}
-                cols.update({k: all_stats[:, j] for j, k in enumerate(stat_cols[:-1])})
+                cols.update({k: all_stats[:-1, j] for j, k in enumerate(stat_cols[:-1])})
                 n_round = int(cols["num_samples"].sum())
                 train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                               if n_round else float("nan"))
-                coarse = int(all_stats[:, -1].sum())
+                coarse = int(all_stats[:-1, -1].sum())
                 if coarse and not warned_coarse:
                     warned_coarse = True
                     print(f"fedmpi: warning: round {rnd}: {coarse} update coordinates kept fewer "
@@ -391,8 +422,11 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                           "because a much larger value (a diverging or malicious client?) set "
                           "their block's scale; see /rounds/fixed_point_coarse",
                           file=sys.stderr, flush=True)
+                final = pipeline.summary(params) if rnd == cfg.rounds else {}
                 seconds = time.perf_counter() - t0
                 with signals.held():  # a stop never leaves half a round in the file
+                    if rnd < cfg.rounds:
+                        signals.deliver(all_stats[-1, :2])
                     writer.append_round({
                         "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
                         "train_loss": train_loss, "num_clients": len(clients),
@@ -407,8 +441,15 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                                                       **pipeline.state()})
                     if rnd == cfg.rounds:
                         writer.write_params("params", params)
+                        writer.set_attrs(final)
                         writer.flush()
                 progress.round_done(rnd, test_acc, test_loss, train_loss, seconds)
+                if "empirical_epsilon" in final:
+                    lo, hi = final["empirical_epsilon_interval"]
+                    print(f"empirical epsilon from {final['canaries']} canaries: "
+                          f"{final['empirical_epsilon']:.3g} (95% interval {lo:.3g} to {hi:.3g}; "
+                          f"accountant: {stage_metrics['epsilon']:.3g}) at delta "
+                          f"{cfg.dp_delta:g}", flush=True)
         finished = True
         shared.free()  # collective: only on the way out that every rank takes
     finally:
