@@ -1,5 +1,5 @@
-"""What the command-line tools (python -m fedmpi, fedmpi-report, fedmpi-sweep) share:
-errors as one line."""
+"""What the command-line tools (python -m fedmpi, fedmpi-report, fedmpi-sweep, fedmpi-data)
+share: errors as one line."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
+DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
 PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet", "dirichlet_clients")
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
@@ -49,15 +49,20 @@ def _opt(help_, choices=None, flag=None):
 class Config:
     # data
     dataset: str = field(default="synthetic", metadata=_opt(
-        "synthetic (built in: FedProx's Synthetic(alpha,beta)), fashion-mnist, mnist, or npz:PATH"))
+        "synthetic (built in: FedProx's Synthetic(alpha,beta)), fashion-mnist, mnist, npz:PATH, "
+        "or h5:TRAIN.h5[,TEST.h5] (TensorFlow Federated's HDF5 layout: the file's users are "
+        "the clients)"))
     data_dir: str | None = field(default=None, metadata=_opt(
         "directory with the IDX files (default: ./data/<name>/, then /usr/share/datasets/<name>/)"))
     synthetic_alpha: float = field(default=1.0, metadata=_opt(
         "Synthetic(alpha,beta): how much the clients' models differ"))
     synthetic_beta: float = field(default=1.0, metadata=_opt(
         "Synthetic(alpha,beta): how much the clients' inputs differ"))
+    synthetic_mean_samples: float | None = field(default=None, metadata=_opt(
+        "synthetic: mean samples per client M, sizes 2 + Poisson(M-2) (default: FedProx's "
+        "lognormal, mean ~352); e.g. 20 for 100,000 small clients"))
     partition: str = field(default="auto", metadata=_opt(
-        "how samples are split over clients; auto = natural for synthetic, iid otherwise; "
+        "how samples are split over clients; auto = natural for synthetic and h5, iid otherwise; "
         "dirichlet = per class over clients (the NIID-Bench variant), dirichlet_clients = "
         "per client over classes, equal sizes (Hsu et al. 2019)", PARTITIONS))
     alpha: float = field(default=0.5, metadata=_opt(
@@ -230,7 +235,8 @@ class Config:
     def resolved_partition(self) -> str:
         if self.partition != "auto":
             return self.partition
-        return "natural" if self.dataset == "synthetic" else "iid"
+        natural = self.dataset == "synthetic" or self.dataset.startswith("h5:")
+        return "natural" if natural else "iid"
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -323,6 +329,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.shards_per_client >= 1, f"--shards-per-client must be at least 1 (got {cfg.shards_per_client})")
     need(cfg.synthetic_alpha >= 0 and cfg.synthetic_beta >= 0,
          "--synthetic-alpha and --synthetic-beta must be non-negative")
+    need(cfg.synthetic_mean_samples is None or (math.isfinite(cfg.synthetic_mean_samples)
+                                                  and cfg.synthetic_mean_samples >= 2),
+         f"--synthetic-mean-samples must be a number >= 2 (got {cfg.synthetic_mean_samples})")
     need(cfg.eval_every >= 1, f"--eval-every must be at least 1 (got {cfg.eval_every})")
     need(cfg.seed >= 0, f"--seed must be non-negative (got {cfg.seed})")
     need(cfg.round_timeout >= 0, f"--round-timeout must be 0 (auto) or a number of seconds "
@@ -330,8 +339,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {cfg.checkpoint_every})")
     need(cfg.resume != "auto" or cfg.out is not None,
          "--resume auto needs --out PATH: the file to continue if it has a checkpoint")
-    need(cfg.dataset in DATASETS[:-1] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4,
-         f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist or npz:PATH")
+    need(cfg.dataset in DATASETS[:-2] or cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4
+         or cfg.dataset.startswith("h5:") and len(cfg.dataset) > 3,
+         f"--dataset {cfg.dataset!r} is unknown: choose synthetic, fashion-mnist, mnist, "
+         "npz:PATH or h5:PATH")
     need(0 <= cfg.server_momentum < 1, f"--server-momentum must be in [0, 1) (got {cfg.server_momentum})")
     need(0 <= cfg.server_beta1 < 1 and 0 <= cfg.server_beta2 < 1,
          "--server-beta1 and --server-beta2 must be in [0, 1)")
@@ -446,6 +457,9 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.dp_clip is not None and cfg.dp_delta >= 1 / cfg.clients:
         out.append(f"--dp-delta {cfg.dp_delta:g} is at least 1/--clients (1/{cfg.clients}): "
                    "such a guarantee allows revealing a whole client's data; use a smaller delta")
+    if cfg.synthetic_mean_samples is not None and cfg.dataset != "synthetic":
+        out.append(f"--synthetic-mean-samples only shapes --dataset synthetic; it has no effect "
+                   f"on {cfg.dataset}")
     if cfg.dp_clip is not None and cfg.dp_noise_multiplier == 0 and cfg.dp_target_epsilon is None:
         out.append("--dp-noise-multiplier 0: updates are clipped but not noised, so there is "
                    "no privacy guarantee (epsilon = inf)")

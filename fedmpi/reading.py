@@ -249,6 +249,11 @@ class ResultsFile:
                 self.bad(f"/partition/label_histogram has {hist.shape[0]} rows for "
                          f"{len(sizes)} clients")
             out["label_histogram"] = hist[()]
+        ids = self.dataset(part, "client_ids", ndim=1, kinds="S")  # h5 data: the file's user ids
+        if ids is not None:
+            if sizes is not None and len(ids) != len(sizes):
+                self.bad(f"/partition/client_ids has {len(ids)} rows for {len(sizes)} clients")
+            out["client_ids"] = ids[()]
         return out
 
     def layer_sizes(self) -> list[int]:
@@ -277,7 +282,8 @@ class ResultsFile:
         return ds[()]
 
 
-_KIND_NAMES = {"iufb": "numbers", "iuf": "numbers", "iu": "integers", "f": "floats"}
+_KIND_NAMES = {"iufb": "numbers", "iuf": "numbers", "iu": "integers", "f": "floats",
+               "S": "byte strings"}
 
 
 def _is_int(value) -> bool:

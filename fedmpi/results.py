@@ -1,4 +1,5 @@
-"""HDF5 results file: the only place in fedmpi that writes HDF5.
+"""HDF5 results file: the only place in fedmpi that writes HDF5 results
+(fedmpi/data/leaf.py writes data files in TensorFlow Federated's layout).
 
 Used by rank 0 only (no MPI here). One file per run, laid out as::
 
@@ -6,7 +7,8 @@ Used by rank 0 only (no MPI here). One file per run, laid out as::
                           layout_version, plus caller attrs (mpi_size, ...)
     /rounds/<metric>      1-D, one row per round (ROUND_FIELDS)
     /clients/<field>      1-D, one row per (round, client) (CLIENT_FIELDS)
-    /partition/num_samples, /partition/label_histogram
+    /partition/num_samples, /partition/label_histogram (and client_ids: the
+                          data set's names of its clients, for h5 data)
     /model/<name>         flat float32 parameter vectors; attrs layer_sizes
     /segments/<i>         one group per run segment (the first run, then each
                           resume): attrs first_round, config, mpi_size,
@@ -197,7 +199,8 @@ class ResultsWriter:
 
     def __init__(self, path: str, *, overwrite: bool, config: dict,
                  attrs: dict, layer_sizes: list[int],
-                 partition_sizes: np.ndarray, label_histogram: np.ndarray):
+                 partition_sizes: np.ndarray, label_histogram: np.ndarray,
+                 client_ids: np.ndarray | None = None):
         # Validate everything before touching the file system, so a bad
         # argument doesn't leave a half-written file or clobber an old one.
         config_json = json.dumps(config, sort_keys=True)
@@ -268,6 +271,11 @@ class ResultsWriter:
         ds.attrs["description"] = (
             "Training samples of each class per client, shape "
             "(clients, classes)")
+        if client_ids is not None:  # a natural data set's own names of its clients
+            ds = part.create_dataset("client_ids", data=np.asarray(client_ids, dtype=bytes))
+            ds.attrs["description"] = (
+                "The data set's id of each client (row i is client i), e.g. the users "
+                "of a TensorFlow Federated HDF5 file in sorted order")
 
         # /model and its layout attrs exist from the start, so a killed run
         # still tells readers how to interpret any parameters written later.

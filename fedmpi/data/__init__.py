@@ -14,7 +14,7 @@ import numpy as np
 
 from fedmpi.errors import UserError
 
-NAMES = ("synthetic", "fashion-mnist", "mnist", "npz:PATH")
+NAMES = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Dataset:
     # natural client split (synthetic); those clients' samples are stored
     # consecutively in x_train, in client order.
     natural_sizes: np.ndarray | None = None
+    # bytes ids of those clients where they have names (h5 data: the file's users)
+    client_ids: np.ndarray | None = None
 
     @property
     def num_features(self) -> int:
@@ -74,8 +76,9 @@ def load_dataset(
     num_clients: int,
     synthetic_alpha: float = 1.0,
     synthetic_beta: float = 1.0,
+    synthetic_mean_samples: float | None = None,
 ) -> Dataset:
-    """Load data set `name`: ``synthetic``, ``fashion-mnist``, ``mnist`` or ``npz:PATH``.
+    """Load data set `name`: ``synthetic``, ``fashion-mnist``, ``mnist``, ``npz:PATH`` or ``h5:PATH``.
 
     `data_dir` is where to look for the IDX files of (fashion-)mnist (default:
     ./data/<name>/, then /usr/share/datasets/<name>/).  `seed`, `num_clients`
@@ -89,7 +92,8 @@ def load_dataset(
 
         if seed < 0:
             raise UserError(f"--seed must be a non-negative integer (got {seed})")
-        return load_synthetic(num_clients, seed, synthetic_alpha, synthetic_beta)
+        return load_synthetic(num_clients, seed, synthetic_alpha, synthetic_beta,
+                              synthetic_mean_samples)
     if name in ("fashion-mnist", "mnist"):
         from fedmpi.data.idx import load_idx
 
@@ -101,4 +105,8 @@ def load_dataset(
         if not path:
             raise UserError("data set npz: needs a path, e.g. npz:/path/to/data.npz")
         return load_npz(path)
+    if name.startswith("h5:"):
+        from fedmpi.data.tff import load_tff
+
+        return load_tff(name[len("h5:"):])
     raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}")

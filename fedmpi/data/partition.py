@@ -8,7 +8,7 @@ exactly once" a property of the representation.
 
 Methods:
 
-* ``natural`` -- the data set's own split (Synthetic), consecutive ranges.
+* ``natural`` -- the data set's own split (Synthetic, h5 files' users), consecutive ranges.
 * ``iid`` -- a random permutation cut into near-equal parts.
 * ``shards`` -- McMahan et al., AISTATS 2017: sort by label, cut into
   ``num_clients * shards_per_client`` equal shards, deal each client
@@ -95,7 +95,7 @@ def _natural(n: int, num_clients: int, natural_sizes) -> Partition:
     if natural_sizes is None:
         raise UserError(
             "--partition natural needs a data set with a natural client split "
-            "(only synthetic has one); use --partition iid, shards or dirichlet"
+            "(synthetic and h5 data sets have one); use --partition iid, shards or dirichlet"
         )
     sizes = np.asarray(natural_sizes, dtype=np.int64)
     if len(sizes) != num_clients:

@@ -36,7 +36,7 @@ from fedmpi import aggregate, algorithms, schedule
 from fedmpi import pipeline as update_pipeline
 from fedmpi.config import Config
 from fedmpi.config import warnings as config_warnings
-from fedmpi.data import Dataset, load_dataset
+from fedmpi.data import Dataset, footprint, load_dataset
 from fedmpi.data import fingerprint as fingerprint_of
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
@@ -122,14 +122,18 @@ def _refuse_other_config(cfg: Config, out: str, saved) -> None:
 def _load_shared(cfg: Config, comm: MPI.Comm):
     """The data set, read or generated once per node and shared by its ranks."""
     node_rank = C.node_comm(comm)
-    leader = node_rank.rank == 0
+    leader, ranks_on_node = node_rank.rank == 0, node_rank.size
     node_rank.Free()
     ds, error = None, None
     if leader:
-        try:
+        try:  # refuse a job that would not fit, rather than be killed while loading
+            footprint.check(footprint.estimate(cfg.dataset, num_clients=cfg.clients,
+                                               synthetic_mean_samples=cfg.synthetic_mean_samples),
+                            ranks_on_node, writes_results=comm.rank == 0)
             ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed,
                               num_clients=cfg.clients, synthetic_alpha=cfg.synthetic_alpha,
-                              synthetic_beta=cfg.synthetic_beta)
+                              synthetic_beta=cfg.synthetic_beta,
+                              synthetic_mean_samples=cfg.synthetic_mean_samples)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
@@ -140,6 +144,8 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
         arrays = dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
         if ds.natural_sizes is not None:
             arrays["natural_sizes"] = np.asarray(ds.natural_sizes, np.int64)
+        if ds.client_ids is not None:
+            arrays["client_ids"] = ds.client_ids
         del ds  # the shared copy replaces it
     meta = comm.bcast(meta, root=0)
     views, handle = C.share_arrays(comm, arrays)
@@ -147,7 +153,7 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
     data = Dataset(name=meta["name"], x_train=views["x_train"], y_train=views["y_train"],
                    x_test=views["x_test"], y_test=views["y_test"],
                    num_classes=meta["num_classes"], x_scale=meta["x_scale"],
-                   natural_sizes=views.get("natural_sizes"))
+                   natural_sizes=views.get("natural_sizes"), client_ids=views.get("client_ids"))
     return data, handle
 
 
@@ -366,7 +372,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 writer = ResultsWriter(
                     cfg.out, overwrite=replace, config=cfg.to_dict(), attrs=attrs,
                     layer_sizes=list(model.sizes), partition_sizes=sizes,
-                    label_histogram=part.label_histogram(data.y_train, data.num_classes))
+                    label_histogram=part.label_histogram(data.y_train, data.num_classes),
+                    client_ids=data.client_ids if cfg.partition == "natural" else None)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
