@@ -6,11 +6,13 @@ plays both roles). One round:
      norm); every rank draws the same clients, drop-outs and rank assignment;
   2. each worker trains its clients one after another and runs the client side
      of the pipeline (fedmpi/pipeline.py: clipping, ...) on each update;
-  3. an Allreduce(MAX) agrees on per-block bounds of the updates; each worker
-     sums its weighted updates as fixed-point int64 and the node-shared sum plus
-     a Reduce between nodes brings the total to rank 0 -- exact, so the result
-     does not depend on who trained whom (robust combiners Gatherv every update
-     instead, ordered by client id);
+  3. an Allreduce(MAX) agrees on per-block bounds of the updates, and the run's
+     transport (fedmpi/runtime/transport.py) brings them to rank 0: by default
+     each worker sums its weighted updates as fixed-point int64 and the
+     node-shared sum plus a Reduce between nodes gives the exact total -- so the
+     result does not depend on who trained whom; secure aggregation masks or
+     encrypts the same integers; robust combiners and compressed updates are
+     gathered one by one and combined in client-id order;
   4. rank 0 runs the server side of the pipeline (DP noise, ...), applies the
      server step and broadcasts the new global model;
   5. every rank evaluates a fixed set of test chunks, rank 0 writes the round.
@@ -44,7 +46,8 @@ from fedmpi.model.mlp import MLP
 from fedmpi.progress import Progress
 from fedmpi.rng import generator
 from fedmpi.runtime import comm as C
-from fedmpi.runtime import secure, signals, timings
+from fedmpi.runtime import signals, timings
+from fedmpi.runtime import transport as T
 
 if TYPE_CHECKING:
     from fedmpi.client import LocalTrainer
@@ -189,33 +192,6 @@ def _trainer(cfg: Config, model: MLP, data: Dataset) -> LocalTrainer:
     return LocalTrainer(cfg, model, data)
 
 
-def _encoder(model: MLP, mine: np.ndarray, clients: np.ndarray, updates: np.ndarray,
-             weights: np.ndarray, scales: np.ndarray, stats: np.ndarray):
-    """encode(c) -> client c's term of the exact sum, alone: round(w_c u_c scale) as int64.
-
-    The plain path adds the very same integers into one accumulator, so a
-    securely summed round equals it bit for bit. Notes the coarse count.
-    """
-    index = {c: i for i, c in enumerate(mine.tolist())}
-
-    def encode(c: int) -> np.ndarray:
-        x = np.zeros(model.num_params, np.int64)
-        row = np.searchsorted(clients, c)
-        stats[row, -1] = aggregate.accumulate(x, updates[index[c]], weights[row], scales)
-        return x
-    return encode
-
-
-def _summer(shared: C.NodeShared, root: bool, n: int):
-    """reduce(part) -> the Z_{2^64} sum of every rank's uint64 part on rank 0, by the exact-sum transport."""
-    def reduce(part: np.ndarray) -> np.ndarray | None:
-        # int64 addition that wraps is uint64 addition, bit for bit
-        total = np.zeros(n, np.int64) if root else None
-        shared.sum_to_root(part.view(np.int64), total)
-        return total.view(np.uint64) if root else None
-    return reduce
-
-
 def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
              indices: np.ndarray, pipeline) -> None:
     """Compile every kernel the run uses, one rank of each node at a time.
@@ -329,19 +305,18 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
     pipeline = update_pipeline.build(cfg, model, params)
-    # --secure-aggregation: the exact sum's transport, protected (he makes its keys here)
-    secure_sum = secure.SecureSum(cfg, comm, workers) if cfg.secure_aggregation != "none" else None
-    # per-client statistics that travel to rank 0 with one Reduce: training, the
-    # pipeline's client columns, and (last) the fixed-point encoder's coarse count
-    # (and, before it, the size of each client's encoded update when a stage encodes)
-    stat_cols = ("train_loss", "seconds", *pipeline.client_columns,
-                 *(("bytes_up",) if pipeline.encoder else ()), "coarse")
     warned_coarse = False
     trainer = _trainer(cfg, model, data) if rank in workers else None
     C.barrier(comm)  # rank 0 sleeps while the others load numba (MPI_Win_allocate would spin)
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0], workers)
     nbytes = model.num_params * 4  # one float32 model or update
     shared = C.NodeShared(comm, model.num_params)
+    # how the round's updates reach rank 0 (exact sum, secure sum, each update, encoded)
+    transport = T.make(cfg, comm, shared, model.num_params, algo, pipeline, workers)
+    # per-client numbers that travel to rank 0 with one Reduce: training, the pipeline's
+    # client columns, the transport's (the fixed-point coarse count, encoded bytes)
+    stat_cols = ("train_loss", "seconds", *pipeline.client_columns, *transport.stat_columns)
+    column = {name: j for j, name in enumerate(stat_cols)}
 
     timings.mark("set-up")
     where = comm.gather(f"{os.getpid()}@{MPI.Get_processor_name()}", root=0)
@@ -351,8 +326,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
         from fedmpi.results import ResultsWriter  # h5py: only the rank that writes imports it
         for line in pipeline.describe():
             print(line, flush=True)
-        if secure_sum is not None:
-            print(secure_sum.describe(cfg.clients_per_round), flush=True)
+        if (line := transport.describe(cfg.clients_per_round)) is not None:
+            print(line, flush=True)
         for line in config_warnings(cfg):
             print(f"fedmpi: warning: {line}", file=sys.stderr, flush=True)
         fingerprint = fingerprint_of(data, part.order, part.offsets)
@@ -436,52 +411,18 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
                 stats[row, 2:2 + len(pipeline.client_columns)] = [
                     ctx.metrics[k] for k in pipeline.client_columns]
-                if pipeline.encoder is not None:
+                if ctx.payload is not None:
                     payloads.append(ctx.payload)
-                    stats[row, -2] = ctx.payload.size  # bytes_up: the real buffer's length
 
-            # 3. transport to rank 0: the exact sum, or every update for robust combiners
+            # 3. transport to rank 0 (fedmpi/runtime/transport.py)
             C.allreduce_max(comm, bounds)
             try:
                 scales = aggregate.scales_for(bounds, float(np.abs(weights).sum()))
             except FloatingPointError:
                 raise UserError(f"training diverged in round {rnd}: a client's update is not "
                                 "finite; lower --lr (or --server-lr)") from None
-            if pipeline.encoder is not None:
-                # encoded updates: every client's bytes to rank 0 (Gatherv), decoded there in
-                # client-id order and summed in that order, whoever trained them
-                got = C.gather_bytes(comm, payloads, counts)
-                if root:
-                    in_id_order = np.argsort(np.concatenate(by_rank))
-                    if algo.needs_each_update:
-                        combined = algo.combine(np.array(
-                            [pipeline.decode(got[k]) for k in in_id_order], np.float32
-                        ).reshape(len(clients), model.num_params))
-                    else:  # one decoded update in memory at a time
-                        combined = np.zeros(model.num_params)
-                        for j, k in enumerate(in_id_order):
-                            combined += weights[j] * pipeline.decode(got[k])
-            elif algo.needs_each_update:
-                in_order = C.gather_in_client_order(comm, updates, by_rank)
-                if root:
-                    combined = algo.combine(in_order)
-            elif secure_sum is not None:  # the same int64 terms, each masked or encrypted
-                encode = _encoder(model, mine, clients, updates, weights, scales, stats)
-                total, secure_metrics, secure_columns = secure_sum(
-                    rnd, sampled, clients, mine, encode, _summer(shared, root, model.num_params),
-                    model.num_params)
-                if root:  # a skipped round (too few survivors to unmask) changes nothing
-                    combined = aggregate.to_float(total if total is not None else
-                                                  np.zeros(model.num_params, np.int64), scales)
-            else:
-                acc = np.zeros(model.num_params, np.int64)
-                for i, c in enumerate(mine.tolist()):
-                    row = np.searchsorted(clients, c)
-                    stats[row, -1] = aggregate.accumulate(acc, updates[i], weights[row], scales)
-                total = np.zeros_like(acc) if root else None
-                shared.sum_to_root(acc, total)
-                if root:
-                    combined = aggregate.to_float(total, scales)
+            got = transport.combine(T.Round(rnd, sampled, clients, by_rank, mine, updates,
+                                            payloads, weights, scales, stats, column))
             if state_rows is not None:
                 back = C.gather_rows(comm, state_rows, counts)
                 if root:
@@ -494,11 +435,11 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             # 4. the server side of the pipeline, the server step and the broadcast
             if root:
                 update, stage_metrics = pipeline.server(
-                    combined, rnd, clients,
+                    got.update, rnd, clients,
                     {k: all_stats[:-1, 2 + j] for j, k in enumerate(pipeline.client_columns)},
                     cfg.clients_per_round, cfg.seed, rparams)
                 old = params.copy()
-                if secure_sum is None or not secure_metrics["secure_skipped"]:
+                if not got.skip_step:
                     params = algo.server_step(params, update)
                 down_bytes = pipeline.downlink(old, params, rnd)  # pruning, compression
             shared.bcast_from_root(params)
@@ -512,14 +453,13 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 cols = {"round": np.full(len(clients), rnd), "client_id": clients,
                         "rank": np.array([rank_of[c] for c in clients.tolist()], np.int64),
                         "num_samples": sizes[clients]}
-                cols.update({k: all_stats[:-1, j] for j, k in enumerate(stat_cols[:-1])})
-                if secure_sum is not None:
-                    cols.update(secure_columns)
+                cols.update({k: all_stats[:-1, j] for k, j in column.items() if k != "coarse"})
+                cols.update(got.columns)
                 n_round = int(cols["num_samples"].sum())
                 train_loss = (float(np.dot(cols["num_samples"], cols["train_loss"]) / n_round)
                               if n_round else float("nan"))
-                coarse = int(all_stats[:-1, -1].sum())
-                bytes_up = (int(all_stats[:-1, -2].sum()) if pipeline.encoder is not None
+                coarse = int(all_stats[:-1, column["coarse"]].sum()) if "coarse" in column else 0
+                bytes_up = (int(all_stats[:-1, column["bytes_up"]].sum()) if "bytes_up" in column
                             else len(clients) * nbytes)
                 if coarse and not warned_coarse:
                     warned_coarse = True
@@ -538,8 +478,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "train_loss": train_loss, "num_clients": len(clients),
                         "num_sampled": len(sampled), "num_samples": n_round, "seconds": seconds,
                         "bytes_up": bytes_up, "bytes_down": len(sampled) * down_bytes,
-                        "fixed_point_coarse": coarse, **stage_metrics,
-                        **(secure_metrics if secure_sum is not None else {}),
+                        "fixed_point_coarse": coarse, **stage_metrics, **got.metrics,
                     })
                     writer.append_clients(cols)
                     writer.flush()
