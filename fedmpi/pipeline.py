@@ -228,9 +228,12 @@ class Pipeline:
 
 def build(cfg, model, initial_params: np.ndarray) -> Pipeline:
     """The pipeline a configuration asks for (`initial_params`: the round-0 global model)."""
-    from fedmpi.compression.stages import stages_for as compression_stages
-
-    first, last = compression_stages(cfg, model)  # prune first, compress last
+    first: list[Stage] = []
+    last: list[Stage] = []
+    if cfg.prune > 0 or cfg.compress_down != "none" or cfg.compress != "none":
+        # the codecs are numba kernels: only runs that compress import them (rank 0 too)
+        from fedmpi.compression.stages import stages_for
+        first, last = stages_for(cfg, model)  # prune first, compress last
     stages: list[Stage] = list(first)
     if cfg.dp_canaries:
         from fedmpi.privacy.canaries import Canaries

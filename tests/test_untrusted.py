@@ -139,9 +139,11 @@ CASES = {
                                   "float64", "ckpt resume"),
     "checkpoint params missing": (lambda f, t: _current_slot(f).__delitem__("params"),
                                   "has no params", "ckpt resume"),
+    # the shapes of server and stage state depend on the configuration, so their
+    # owners check them as they restore (test_server_state_of_the_wrong_shape_is_refused)
     "checkpoint server state (1,)": (lambda f, t: _replace(_current_slot(f), "server_v",
                                                            data=np.ones(1)),
-                                     "server_v has shape (1,)", "ckpt resume"),
+                                     "server_v", ""),
     "checkpoint round disagrees with /rounds": (
         lambda f, t: (_current_slot(f).attrs.__setitem__("round", 2),
                       f["checkpoint"].attrs.__setitem__("round", 2)),
@@ -335,6 +337,25 @@ def test_every_reader_refuses_with_one_line(case, corpus, tmp_path, capsys, monk
         assert "\n" not in outcome
 
 
+def test_server_state_of_the_wrong_shape_is_refused(corpus, monkeypatch):
+    """A (1,) server_v read from a checkpoint must not broadcast into the optimizer's state:
+    the optimizer refuses it with one line, naming the array and both shapes."""
+    from fedmpi.algorithms import FedAvg
+    from fedmpi.config import from_dict
+    from fedmpi.model.mlp import MLP
+    from fedmpi.results import read_checkpoint
+
+    monkeypatch.setattr(reading, "ISOLATE", False)
+    _, _, arrays = read_checkpoint(corpus["checkpoint server state (1,)"])
+    assert arrays["server_v"].shape == (1,)
+    model = MLP(tuple(LAYERS))
+    algo = FedAvg(from_dict({"server_optimizer": "avgm"}), model)
+    with pytest.raises(UserError, match=r"server_v is float64 of shape \(1,\).*shape \(%d,\)"
+                       % model.num_params):
+        algo.load_server_state(arrays)
+    assert not algo.server_state()["server_v"].any()  # nothing was written into the state
+
+
 def test_huge_client_id_allocates_nothing(corpus):
     """The 10^12 client_id is refused before bincount sees it (which would need 8 TB)."""
     run = load(corpus["client_id 10^12"])
@@ -351,8 +372,10 @@ def test_bit_flips(corpus, tmp_path, monkeypatch):
     data = open(corpus["good"], "rb").read()
     nonzero = [i for i, v in enumerate(data) if v]  # the rest is unused chunk space
     rng = random.Random(13)
-    # Setting bit 6 of the second byte of the global heap's size made HDF5 2.0 loop
-    # forever reading a string attribute when this test was written.
+    # Flipping bit 6 of the second byte of the global heap's size made HDF5 2.0 loop
+    # forever reading a string attribute in an earlier layout of this file; in today's
+    # layout it is refused. Hangs are cut off: test_hang_in_hdf5_is_cut_off and
+    # test_reads_under_mpi_run_in_a_fresh_python_with_a_time_limit.
     heap_size = data.index(b"GCOL") + 9
     flips = [(heap_size, 6)] + [(rng.choice(nonzero), rng.randrange(8)) for _ in range(20)]
     refused = 0
@@ -366,8 +389,6 @@ def test_bit_flips(corpus, tmp_path, monkeypatch):
             outcome = _outcome(fn, str(path))
             refused += outcome != "ok"
             assert "\n" not in outcome
-            if i == 0 and fn is read_run:
-                assert "did not finish in" in outcome  # HDF5's endless loop, cut off
     assert refused > 0
 
 
@@ -455,13 +476,17 @@ def test_reads_under_mpi_run_in_a_fresh_python_with_a_time_limit(tmp_path, monke
     config, rnd, arrays = read_checkpoint(str(good))
     assert config == CONFIG and rnd == ROUNDS and arrays["params"].shape == (P,)
     assert read_run(str(good))["rounds"]["round"].tolist() == [1, 2, 3]
-    data = good.read_bytes()
-    b = bytearray(data)
-    b[data.index(b"GCOL") + 9] ^= 1 << 6  # HDF5 loops forever on this (see test_bit_flips)
-    bad = tmp_path / "bad.h5"
-    bad.write_bytes(bytes(b))
-    os.utime(bad, (1e9, 1e9))
+    # the HDF5 library stuck in the fresh Python (as on the bit flip that once made it
+    # loop forever): a sitecustomize there stalls every h5py.File
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time, h5py\n_open = h5py.File.__init__\n"
+        "def _stuck(self, *a, **k):\n    time.sleep(120)\n    _open(self, *a, **k)\n"
+        "h5py.File.__init__ = _stuck\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setattr(reading, "READ_SECONDS", 1.0)
     monkeypatch.setattr(reading, "_STARTUP_SECONDS", 8.0)
     with pytest.raises(UserError, match="did not finish in 1 s"):
-        read_checkpoint(str(bad))
+        read_checkpoint(str(good))
