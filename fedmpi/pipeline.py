@@ -61,6 +61,10 @@ class Stage:
     def round_params(self, rnd: int) -> dict:
         return {}
 
+    def local_work(self, rnd: int, client_id: int) -> dict:
+        """Overrides of the client's local training (LocalTrainer.train keywords)."""
+        return {}
+
     def client(self, update: np.ndarray, ctx: ClientContext) -> None:
         """Transform one client's float32 update in place."""
 
@@ -104,6 +108,13 @@ class Pipeline:
             return np.full(raw.shape, 1.0 / expected_clients)
         total = float(raw.sum())
         return raw / total if total > 0 else raw.astype(np.float64)
+
+    def local_work(self, rnd: int, client_id: int) -> dict:
+        """What the stages change in one client's local training (e.g. an attacker's labels)."""
+        out: dict = {}
+        for s in self.stages:
+            out.update(s.local_work(rnd, client_id))
+        return out
 
     def client(self, update: np.ndarray, rnd: int, client_id: int, seed: int,
                params: dict) -> dict:
@@ -152,4 +163,7 @@ def build(cfg, model) -> Pipeline:
     if cfg.dp_clip is not None:
         from fedmpi.privacy.dp import GaussianDP
         stages.append(GaussianDP(cfg, model))
+    if cfg.attack != "none":
+        from fedmpi.attacks import Attack
+        stages.insert(0, Attack(cfg))  # the attacker acts before any honest stage
     return Pipeline(stages)

@@ -252,7 +252,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     pipeline = update_pipeline.build(cfg, model)
     # per-client statistics that travel to rank 0 with one Reduce: training, the
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
-    stat_cols = ("train_loss", "seconds", *pipeline.client_columns, "coarse")
+    # (local_steps, straggler: only when some clients straggle)
+    work_cols = ("local_steps", "straggler") if cfg.stragglers > 0 else ()
+    own = 2 + len(work_cols)  # columns before the pipeline's
+    stat_cols = ("train_loss", "seconds", *work_cols, *pipeline.client_columns, "coarse")
     warned_coarse = False
     trainer = LocalTrainer(cfg, model, data)
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0])
@@ -307,11 +310,19 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             sampled = schedule.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, rnd,
                                               cfg.sampling)
             clients = sampled[~schedule.dropouts(sampled, cfg.dropout_rate, cfg.seed, rnd)]
+            slow = schedule.stragglers(clients, cfg.stragglers, cfg.seed, rnd)
+            if cfg.drop_stragglers:  # FedAvg's way in the FedProx paper: their work is lost
+                clients, slow = clients[~slow], slow[~slow]
+            # each client's local-training overrides: a straggler's shorter work, an attacker's labels
+            work = [{**(schedule.straggler_work(c, int(sizes[c]), cfg.local_epochs,
+                                                cfg.batch_size, cfg.seed, rnd) if s else {}),
+                     **pipeline.local_work(rnd, c)}
+                    for c, s in zip(clients.tolist(), slow.tolist())]
             plan = schedule.assign(clients, sizes, len(workers))
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
-            weights = pipeline.weights(
+            weights = algo.round_weights(pipeline.weights(
                 np.array([algo.weight(int(sizes[c])) for c in clients.tolist()], np.float64),
-                cfg.clients_per_round)
+                cfg.clients_per_round), sizes[clients], work)
 
             # 2. local training and the client side of the pipeline
             updates = np.empty((len(mine), model.num_params), np.float32)
@@ -321,14 +332,15 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             bounds = np.zeros(aggregate.num_blocks(model.num_params))
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
+                row = np.searchsorted(clients, c)
                 res = algo.client_update(trainer, params, part.indices(c),
-                                         generator(cfg.seed, "shuffle", rnd, c))
+                                         generator(cfg.seed, "shuffle", rnd, c), **work[row])
                 updates[i] = res.update
                 metrics = pipeline.client(updates[i], rnd, c, cfg.seed, rparams)
                 aggregate.block_max_abs(updates[i], bounds)  # also catches a diverged client
-                row = np.searchsorted(clients, c)
                 stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
-                stats[row, 2:-1] = [metrics[k] for k in pipeline.client_columns]
+                stats[row, 2:own] = [res.steps, float(slow[row])][:len(work_cols)]
+                stats[row, own:-1] = [metrics[k] for k in pipeline.client_columns]
 
             # 3. transport to rank 0: the exact sum, or every update for robust combiners
             C.allreduce_max(comm, bounds)
@@ -358,7 +370,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if root:
                 update, stage_metrics = pipeline.server(
                     combined, rnd, clients,
-                    {k: all_stats[:, 2 + j] for j, k in enumerate(pipeline.client_columns)},
+                    {k: all_stats[:, own + j] for j, k in enumerate(pipeline.client_columns)},
                     cfg.clients_per_round, cfg.seed, rparams)
                 params = algo.server_step(params, update)
             shared.bcast_from_root(params)
