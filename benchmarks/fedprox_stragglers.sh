@@ -4,7 +4,8 @@
 # regression (--hidden none), 200 rounds. Stragglers (round(0.9*10) = 9 of each round's 10
 # clients) do x ~ U{1..19} epochs. FedAvg drops them (--drop-stragglers: only 1 client reports),
 # FedProx uses their partial work, with mu = 0 and mu = 1. The paper shows the training loss
-# ordering FedAvg(drop) > FedProx(mu=0) > FedProx(mu=1).
+# ordering FedAvg(drop) > FedProx(mu=0) > FedProx(mu=1). FedNova (Wang et al. 2020, also
+# using the stragglers' partial work) is run beside them.
 # Usage: benchmarks/fedprox_stragglers.sh [OUTDIR] [ROUNDS] [SEEDS...]
 #        (one run of 200 rounds takes about 30 s on one core)
 set -euo pipefail
@@ -23,6 +24,7 @@ for s in "${seeds[@]}"; do
         --out "$out/fedprox_mu0_s$s.h5"
     python -m fedmpi "${common[@]}" --seed "$s" --algorithm fedprox --prox-mu 1 \
         --out "$out/fedprox_mu1_s$s.h5"
+    python -m fedmpi "${common[@]}" --seed "$s" --algorithm fednova --out "$out/fednova_s$s.h5"
 done
 python benchmarks/final_train_loss.py "$out"/*.h5
 fedmpi-report plot "$out" --y train_loss --out "$out/train_loss.png" \

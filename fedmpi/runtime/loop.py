@@ -339,7 +339,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 metrics = pipeline.client(updates[i], rnd, c, cfg.seed, rparams)
                 aggregate.block_max_abs(updates[i], bounds)  # also catches a diverged client
                 stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
-                stats[row, 2:own] = [res.steps, float(slow[row])][:len(work_cols)]
+                if work_cols:
+                    stats[row, 2:own] = res.steps, float(slow[row])
                 stats[row, own:-1] = [metrics[k] for k in pipeline.client_columns]
 
             # 3. transport to rank 0: the exact sum, or every update for robust combiners
