@@ -89,8 +89,8 @@ class Config:
         "round's clients minus f)"))
     stragglers: float = field(default=0.0, metadata=_opt(
         "fraction of each round's clients that are stragglers (FedProx paper, Li et al. 2020): "
-        "round(p*K) of them, seeded per round, do x ~ U{1..E-1} local epochs instead of E "
-        "(with E = 1: x ~ U{1..S-1} of their S minibatch steps)"))
+        "K - round(K*(1-p)) of them, seeded per round, do x ~ U{1..E-1} local epochs instead "
+        "of E (with E = 1: x ~ U{1..S-1} of their S minibatch steps)"))
     drop_stragglers: bool = field(default=False, metadata=_opt(
         "stragglers do not report (their work is discarded): the FedProx paper's FedAvg "
         "baseline; without it, their partial work is used (FedProx, FedNova)"))
