@@ -9,17 +9,20 @@
     rows = analysis.summarize(["a.h5", "b.h5"], target=0.8)
     run.participation(), run.client_loss_by_round()  # per-client views
 
-Nothing here writes HDF5: files are read with :func:`fedmpi.results.read_run`,
-which opens them with ``locking=False``, so finished, killed and still-running
-jobs can all be read (a running job's file shows its flushed rounds).
+Nothing here writes HDF5: files are read through :mod:`fedmpi.reading`, which
+opens them with ``locking=False`` (finished, killed and still-running jobs can
+all be read; a running job's file shows its flushed rounds) and treats them as
+untrusted input. ``load`` reads the configuration and /rounds; /clients,
+/partition and the model are read when first used, so a summary of many big
+runs reads only what it shows.
 
 pandas is optional. With it, ``Run.rounds`` / ``Run.clients`` are DataFrames and
 :func:`load_many` returns a DataFrame; without it they are dicts of NumPy arrays
 and a list of dicts. ``run.rounds["test_accuracy"]`` works either way.
 
 Bad input (missing file, not HDF5, a file from another program, a missing
-dataset, a glob matching nothing) raises :class:`fedmpi.errors.UserError`
-with a message naming the path.
+dataset, a damaged file, a glob matching nothing) raises
+:class:`fedmpi.errors.UserError` with a message naming the path.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from fedmpi import reading
 from fedmpi.errors import UserError
-from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS, layers_from_flat, read_run
+from fedmpi.layout import CLIENT_FIELDS, ROUND_FIELDS, layers_from_flat
 
 # Config keys that say how a run was executed, not what it computed, so they
 # never count as a difference between runs (every run has its own `out`).
@@ -41,7 +45,7 @@ IGNORED_KEYS = ("out", "overwrite", "resume", "checkpoint_every")
 # Per-run summary columns, in output order (see Run.summary).
 SUMMARY_COLUMNS = ("rounds_done", "final_accuracy", "best_accuracy",
                    "rounds_to_target", "seconds_to_target",
-                   "bytes_up", "bytes_down", "wall_seconds")
+                   "bytes_up", "bytes_down", "wall_seconds", "epsilon")
 
 
 def _pandas():
@@ -72,15 +76,35 @@ class Run:
     """
 
     def __init__(self, path: str, data: dict):
+        """data: from fedmpi.reading.read_meta (parts missing from it are read
+        from path when first used) or read_run."""
         self.path = path
         self.config: dict = data["config"]
         self.attrs: dict = data["attrs"]
-        self.partition: dict = data["partition"]
-        self.params: np.ndarray | None = data["params"]
         self.layer_sizes: list[int] = data["layer_sizes"]
+        self._num_clients: int | None = data.get("num_clients")
         self._rounds = _ordered(data["rounds"], ROUND_FIELDS)
-        self._clients = _ordered(data["clients"], CLIENT_FIELDS)
+        self._parts = {k: data[k] for k in ("clients", "partition", "params") if k in data}
         self._frames: dict = {}
+
+    def _part(self, name: str):
+        if name not in self._parts:
+            self._parts[name] = reading.read_part(self.path, name)
+        return self._parts[name]
+
+    @property
+    def _clients(self) -> dict:
+        return _ordered(self._part("clients"), CLIENT_FIELDS)
+
+    @property
+    def partition(self) -> dict:
+        """/partition: num_samples and label_histogram (empty dict if absent)."""
+        return self._part("partition")
+
+    @property
+    def params(self) -> np.ndarray | None:
+        """Final flat float32 parameters, None until the run has finished."""
+        return self._part("params")
 
     def __repr__(self) -> str:
         return (f"<Run {self.path}: {self.rounds_done}/"
@@ -113,7 +137,8 @@ class Run:
     @property
     def rounds_planned(self) -> int | None:
         value = self.config.get("rounds")
-        return int(value) if isinstance(value, (int, float)) else None
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return value if ok else None
 
     @property
     def finished(self) -> bool:
@@ -164,20 +189,11 @@ class Run:
     @property
     def num_clients(self) -> int:
         """Clients in the run: rows of /partition/num_samples, else config
-        ``clients``, and at least the largest client_id + 1."""
-        sizes = self.partition.get("num_samples")
-        if sizes is not None:
-            n = len(sizes)
-        else:
-            value = self.config.get("clients")
-            n = int(value) if isinstance(value, (int, float)) else 0
-        ids = np.asarray(self.client_column("client_id"))
-        if ids.size:
-            if ids.min() < 0:
-                raise UserError(f"{self.path}: /clients/client_id has negative "
-                                f"values; not a fedmpi results file?")
-            n = max(n, int(ids.max()) + 1)
-        return n
+        ``clients`` (every client_id is below it: the reader checks)."""
+        if self._num_clients is None:
+            raise UserError(f"{self.path} has neither /partition/num_samples nor an integer "
+                            f"config 'clients': cannot tell its clients")
+        return self._num_clients
 
     def participation(self) -> np.ndarray:
         """Rounds each client trained in so far: an int array indexed by client_id."""
@@ -226,7 +242,8 @@ class Run:
         final_accuracy is the last evaluated (non-NaN) test accuracy;
         rounds_to_target is the first round whose test accuracy is >= target
         and seconds_to_target the sum of /rounds/seconds up to and including
-        that round (None if never reached, or no target given).
+        that round (None if never reached, or no target given); epsilon is the
+        privacy spent after the last round (None without DP).
         """
         target = check_target(target)
         acc = np.asarray(self.metric("test_accuracy"), dtype=np.float64)
@@ -252,6 +269,9 @@ class Run:
             "bytes_up": int(np.sum(up)),
             "bytes_down": int(np.sum(down)),
             "wall_seconds": float(np.sum(secs)),
+            # privacy spent (differentially private runs): the accountant's after the last round
+            "epsilon": (float(self.metric("epsilon")[-1])
+                        if self.has_metric("epsilon") and self.rounds_done else None),
         }
 
 
@@ -273,21 +293,7 @@ def check_target(target) -> float | None:
 def load(path) -> Run:
     """Read one results file (finished, killed or still being written)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a directory, not a results file")
-    try:
-        data = read_run(path)
-    except UserError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        # h5py errors on damaged files or objects of the wrong kind (a group
-        # where a dataset belongs); ValueError/TypeError also cover a config
-        # attribute that isn't a JSON string.
-        raise UserError(f"cannot read results file {path}: {e}") from None
-    if not isinstance(data.get("config"), dict):
-        raise UserError(f"{path}: the config attribute is not a JSON object; "
-                        f"not a fedmpi results file?")
-    return Run(path, data)
+    return Run(path, reading.read_meta(path))
 
 
 def _is_glob(text: str) -> bool:

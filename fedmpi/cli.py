@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fedmpi.errors import UserError
+from fedmpi.errors import UserError, printable
 
 
 def run_tool(prog: str, build_parser, argv: list[str] | None) -> int:
@@ -15,7 +15,8 @@ def run_tool(prog: str, build_parser, argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
-        message = " ".join(str(e).splitlines())
+        # One line, and no control characters from names found in files.
+        message = printable(" ".join(str(e).splitlines()))
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

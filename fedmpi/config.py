@@ -140,6 +140,10 @@ class Config:
     dp_clip_count_stddev: float | None = field(default=None, metadata=_opt(
         "noise stddev on the count of unclipped clients in adaptive clipping "
         "(default: --clients-per-round / 20, as in the paper)"))
+    dp_canaries: int = field(default=0, metadata=_opt(
+        "one-shot empirical privacy estimate (Andrew et al. 2024): insert this many canary "
+        "clients (random unit updates at the clip norm) and as many held-out directions; the "
+        "run reports an empirical epsilon beside the accountant's (0 = off)"))
     # local training
     local_epochs: int = field(default=1, metadata=_opt("local epochs E per round"))
     batch_size: int = field(default=10, metadata=_opt("local minibatch size B (0 = full batch)"))
@@ -305,12 +309,12 @@ def validate(cfg: Config) -> Config:
 
 
 DP_FLAGS = ("dp_clip_per_layer", "dp_noise_multiplier", "dp_target_epsilon", "dp_clip_quantile",
-            "dp_clip_count_stddev")
+            "dp_clip_count_stddev", "dp_canaries")
 
 
 def _validate_dp(cfg: Config, need) -> None:
     if cfg.dp_clip is None:
-        given = [n for n in DP_FLAGS if getattr(cfg, n) not in (None, False)]
+        given = [n for n in DP_FLAGS if getattr(cfg, n) not in (None, False, 0)]
         need(not given, f"--{given[0].replace('_', '-') if given else ''} needs --dp-clip S: "
              "differential privacy starts with clipping each update to norm S")
         return
@@ -326,6 +330,8 @@ def _validate_dp(cfg: Config, need) -> None:
         need(math.isfinite(cfg.dp_target_epsilon) and cfg.dp_target_epsilon > 0,
              f"--dp-target-epsilon must be a positive number (got {cfg.dp_target_epsilon})")
     need(0 < cfg.dp_delta < 1, f"--dp-delta must be in (0, 1) (got {cfg.dp_delta})")
+    need(cfg.dp_canaries == 0 or cfg.dp_canaries >= 2,
+         f"--dp-canaries needs at least 2 canaries to estimate a spread (got {cfg.dp_canaries})")
     need(cfg.aggregator == "mean",
          f"--aggregator {cfg.aggregator} does not sum the updates, so clipping bounds nothing "
          "it computes: differential privacy needs --aggregator mean")

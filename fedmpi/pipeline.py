@@ -80,6 +80,24 @@ class Stage:
         pass
 
 
+def restore(target: np.ndarray, arrays: dict[str, np.ndarray], name: str, owner: str) -> None:
+    """target[...] = arrays[name] from a checkpoint, refusing a missing or mismatched array.
+
+    Checkpoint files are untrusted: a wrong shape must not broadcast into the
+    state and a wrong dtype must not be cast silently.
+    """
+    from fedmpi.errors import UserError
+
+    got = arrays.get(name)
+    if got is None or got.shape != target.shape or got.dtype != target.dtype:
+        raise UserError(
+            f"the checkpoint's {name} is "
+            + ("missing" if got is None else f"{got.dtype} of shape {got.shape}")
+            + f", but {owner} needs {target.dtype} of shape {target.shape}: the file is "
+            "damaged or from another configuration")
+    target[...] = got
+
+
 class Pipeline:
     """The chain of stages, in order; the only thing the round loop talks to."""
 
@@ -149,6 +167,14 @@ class Pipeline:
         """One line per stage for the run's log (rank 0)."""
         return [d for s in self.stages if (d := getattr(s, "description", ""))]
 
+    def summary(self, final_params: np.ndarray) -> dict:
+        """Results-file attributes measured on the final model (rank 0, after the last round)."""
+        out: dict = {}
+        for s in self.stages:
+            if hasattr(s, "summary"):
+                out.update(s.summary(final_params))
+        return out
+
     def attrs(self) -> dict:
         """Results-file attributes the stages record (rank 0)."""
         out: dict = {}
@@ -157,9 +183,12 @@ class Pipeline:
         return out
 
 
-def build(cfg, model) -> Pipeline:
-    """The pipeline a configuration asks for."""
+def build(cfg, model, initial_params: np.ndarray) -> Pipeline:
+    """The pipeline a configuration asks for (`initial_params`: the round-0 global model)."""
     stages: list[Stage] = []
+    if cfg.dp_canaries:
+        from fedmpi.privacy.canaries import Canaries
+        stages.append(Canaries(cfg, model, initial_params))
     if cfg.dp_clip is not None:
         from fedmpi.privacy.dp import GaussianDP
         stages.append(GaussianDP(cfg, model))

@@ -25,58 +25,17 @@ import json
 import numbers
 import os
 import tempfile
-import time
 from datetime import datetime, timezone
 
 import h5py
 import numpy as np
 
 import fedmpi
+from fedmpi.analysis import load, load_many
 from fedmpi.errors import UserError
-
-# Bump when the layout changes in a way readers must know about.
-LAYOUT_VERSION = 1
-
-# name -> (units, description). Written as attributes on each dataset so the
-# file explains itself without this source code. Keys not listed here are
-# still accepted (units and description then empty) so the runtime can add a
-# metric without touching this module.
-ROUND_FIELDS: dict[str, tuple[str, str]] = {
-    "round": ("", "Federated round index, as counted by the runtime"),
-    "test_accuracy": (
-        "1",
-        "Accuracy of the global model on the test set after this round, a "
-        "fraction in [0, 1]; NaN in rounds without evaluation",
-    ),
-    "test_loss": (
-        "nats",
-        "Mean cross-entropy of the global model on the test set after this "
-        "round; NaN in rounds without evaluation",
-    ),
-    "train_loss": (
-        "nats",
-        "Training loss of this round's clients, mean weighted by their "
-        "num_samples",
-    ),
-    "num_clients": ("clients", "Number of clients that trained in this round"),
-    "num_samples": (
-        "samples", "Total training samples of the clients of this round"),
-    "seconds": ("s", "Wall-clock duration of the round, measured on rank 0"),
-    "bytes_up": (
-        "bytes", "Bytes of model updates sent from clients to rank 0"),
-    "bytes_down": (
-        "bytes", "Bytes of global model sent from rank 0 to clients"),
-}
-
-CLIENT_FIELDS: dict[str, tuple[str, str]] = {
-    "round": ("", "Round of this row; matches /rounds/round"),
-    "client_id": (
-        "", "Client index; row of /partition/num_samples and label_histogram"),
-    "rank": ("", "MPI rank that simulated the client in this round"),
-    "num_samples": ("samples", "Training samples held by the client"),
-    "train_loss": ("nats", "Client's mean training loss in this round"),
-    "seconds": ("s", "Wall-clock time of the client's local training"),
-}
+from fedmpi.layout import (CLIENT_FIELDS, FLAT_LAYOUT, LAYOUT_VERSION, OPEN_WRITERS,
+                           ROUND_FIELDS, WRITER_LOCKING, layers_from_flat, num_params)
+from fedmpi.reading import read_checkpoint, read_checkpoint_full, read_run
 
 # Columns that only some runs have (written by the runtime and update-pipeline
 # stages); described the same way when they are created.
@@ -120,24 +79,6 @@ _RESERVED_ROOT_ATTRS = ("config", "fedmpi_version", "created",
 # large enough that a long run doesn't pay per-chunk overhead per row.
 _ROUND_CHUNK = 256
 _CLIENT_CHUNK = 4096
-
-# "best-effort": take HDF5's advisory lock (so two jobs can't both write one
-# file) but don't fail on file systems without flock support (some Lustre
-# and NFS mounts), where strict locking would make every run fail.
-_WRITER_LOCKING = "best-effort"
-
-# Real paths of files a ResultsWriter in this process has open. HDF5 refuses
-# to open a file already open in the same process with different locking
-# settings ("file locking flag values don't match"), so read_run must use the
-# writer's setting for these rather than locking=False.
-_OPEN_WRITERS: set[str] = set()
-
-_FLAT_LAYOUT = (
-    "Flat float32 vector of all layers in order; for layer l: W_l of shape "
-    "(layer_sizes[l], layer_sizes[l+1]) in row-major (C) order, then b_l of "
-    "shape (layer_sizes[l+1],). See fedmpi.results.layers_from_flat."
-)
-
 
 def _probe_lock(path: str) -> None:
     """Raise UserError if another open handle holds an HDF5 lock on path.
@@ -216,10 +157,6 @@ def _ancestors(directory: str):
         directory = up
 
 
-def _num_params(layer_sizes) -> int:
-    return sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
-
-
 def _is_int_scalar(v) -> bool:
     # bool is an int in Python; np.bool_ isn't numbers.Integral, so list it.
     return isinstance(v, (numbers.Integral, np.bool_))
@@ -264,7 +201,7 @@ class ResultsWriter:
             # create exclusively: a racing job gets an error, not our file.
             os.unlink(path)
         try:
-            self._file = h5py.File(path, "x", locking=_WRITER_LOCKING)
+            self._file = h5py.File(path, "x", locking=WRITER_LOCKING)
         except FileExistsError:
             raise UserError(
                 f"results file {path} already exists: pass --overwrite or "
@@ -274,7 +211,7 @@ class ResultsWriter:
                 from None
         self.path = path
         self._realpath = os.path.realpath(path)
-        _OPEN_WRITERS.add(self._realpath)
+        OPEN_WRITERS.add(self._realpath)
         self._num_rounds = 0
         self._num_client_rows = 0
         self._round_keys: tuple[str, ...] | None = None
@@ -308,8 +245,8 @@ class ResultsWriter:
         # still tells readers how to interpret any parameters written later.
         model = f.create_group("model")
         model.attrs["layer_sizes"] = np.asarray(layer_sizes, dtype="int64")
-        model.attrs["num_params"] = _num_params(layer_sizes)
-        model.attrs["description"] = _FLAT_LAYOUT
+        model.attrs["num_params"] = num_params(layer_sizes)
+        model.attrs["description"] = FLAT_LAYOUT
         self._layer_sizes = layer_sizes
 
         f.create_group("rounds").attrs["description"] = (
@@ -428,11 +365,19 @@ class ResultsWriter:
                 if name != "round":
                     group[name].dims[0].attach_scale(scale)
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Set root attributes measured during the run (e.g. a final estimate)."""
+        self._check_open()
+        for key, value in attrs.items():
+            if key in _RESERVED_ROOT_ATTRS:
+                raise ValueError(f"attribute {key!r} is reserved")
+            self._file.attrs[key] = value
+
     def write_params(self, name: str, params: np.ndarray) -> None:
         """Store a flat parameter vector as /model/<name> (float32)."""
         self._check_open()
         flat = np.asarray(params, dtype="float32")
-        expected = _num_params(self._layer_sizes)
+        expected = num_params(self._layer_sizes)
         if flat.ndim != 1 or flat.size != expected:
             raise ValueError(
                 f"params must be a flat vector of {expected} values for "
@@ -441,7 +386,7 @@ class ResultsWriter:
         if name in model:
             del model[name]  # shapes are fixed, so replace rather than write
         ds = model.create_dataset(name, data=flat)
-        ds.attrs["description"] = _FLAT_LAYOUT
+        ds.attrs["description"] = FLAT_LAYOUT
 
     # -- checkpoints -------------------------------------------------------
 
@@ -479,32 +424,44 @@ class ResultsWriter:
         """Open a run's file to continue it from its last checkpoint.
 
         Rows written after that checkpoint (rounds that will be re-run) are
-        cut off. Returns (writer, checkpoint round, checkpoint arrays).
+        cut off. Returns (writer, checkpoint round, checkpoint arrays). The
+        checkpoint is checked first (fedmpi.reading.read_checkpoint_full), so
+        a damaged file is refused with a UserError before anything changes.
         """
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint_full(path)
         if ckpt is None:
             raise UserError(f"{path} has no checkpoint to resume from: start the run afresh")
         _probe_lock(path)
         self = cls.__new__(cls)
         try:
-            self._file = h5py.File(path, "r+", locking=_WRITER_LOCKING)
+            self._file = h5py.File(path, "r+", locking=WRITER_LOCKING)
         except OSError as e:
             raise UserError(f"cannot open {path} to resume: {e}") from None
         self.path = path
         self._realpath = os.path.realpath(path)
-        _OPEN_WRITERS.add(self._realpath)
+        OPEN_WRITERS.add(self._realpath)
         f = self._file
-        self._layer_sizes = [int(v) for v in f["model"].attrs["layer_sizes"]]
-        slot = f["checkpoint"][f"slot{int(f['checkpoint'].attrs['current'])}"]
-        self._num_rounds = int(slot.attrs["rounds_rows"])
-        self._num_client_rows = int(slot.attrs["clients_rows"])
-        for group, n in ((f["rounds"], self._num_rounds), (f["clients"], self._num_client_rows)):
-            for ds in group.values():
-                ds.resize((n,))
-        self._round_keys = tuple(sorted(f["rounds"])) or None
-        self._client_keys = tuple(sorted(f["clients"])) or None
-        f.flush()
-        return self, ckpt[1], ckpt[2]
+        self._layer_sizes = ckpt.layer_sizes
+        self._num_rounds = ckpt.rounds_rows
+        self._num_client_rows = ckpt.clients_rows
+        try:
+            for group, n in ((f["rounds"], self._num_rounds),
+                             (f["clients"], self._num_client_rows)):
+                for ds in group.values():
+                    if ds.maxshape != (None,):  # the writer's columns all grow
+                        raise UserError(f"{path}: {ds.name} cannot grow, so the run cannot "
+                                        f"continue in this file; it was not written by fedmpi")
+                    ds.resize((n,))
+            self._round_keys = tuple(sorted(f["rounds"])) or None
+            self._client_keys = tuple(sorted(f["clients"])) or None
+            f.flush()
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            self.close()
+            raise UserError(f"cannot resume {path}: {e}") from None
+        except UserError:
+            self.close()
+            raise
+        return self, ckpt.round, ckpt.arrays
 
     # -- lifetime ----------------------------------------------------------
 
@@ -526,7 +483,7 @@ class ResultsWriter:
             self._file.close()
         finally:
             self._file = None
-            _OPEN_WRITERS.discard(self._realpath)
+            OPEN_WRITERS.discard(self._realpath)
 
     def __enter__(self) -> "ResultsWriter":
         return self
@@ -535,168 +492,8 @@ class ResultsWriter:
         self.close()
 
 
-# -- reading ---------------------------------------------------------------
+# -- reading: fedmpi.reading and fedmpi.analysis; names kept here for old imports --
 
-def _py(value):
-    """h5py attribute value -> plain Python (numpy scalars to int/float)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
-def _read_columns(group) -> dict[str, np.ndarray]:
-    """Read equal-length columns, cut to the shortest.
-
-    The writer keeps columns equal; unequal lengths can only come from a
-    writer killed mid-round whose partial writes reached the disk, and that
-    round's row is incomplete, so it's dropped.
-    """
-    if group is None:
-        return {}
-    cols = {name: ds[()] for name, ds in group.items()
-            if isinstance(ds, h5py.Dataset)}
-    if cols:
-        n = min(len(c) for c in cols.values())
-        cols = {name: c[:n] for name, c in cols.items()}
-    return cols
-
-
-_LIVE_SECONDS = 30.0  # a file modified this recently may be mid-write by its job
-_READ_ATTEMPTS = 6
-
-
-def read_run(path: str) -> dict:
-    """Read a whole results file (also one still being written) into memory.
-
-    Returns {"config", "attrs", "rounds", "clients", "partition", "params",
-    "layer_sizes"}; "params" is /model/params or None if not written yet.
-
-    Without SWMR, a reader can catch the writer between two metadata writes
-    (measured: about 1 read in 100 during a fast run fails with "bad object
-    header" or similar). Such a read is retried after a short pause, as long
-    as the file is live (recently modified); the writer is never affected.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"results file {path} does not exist")
-    for attempt in range(_READ_ATTEMPTS):
-        try:
-            return _read_run_once(path)
-        except _Transient as e:
-            live = time.time() - os.path.getmtime(path) < _LIVE_SECONDS
-            if not live or attempt == _READ_ATTEMPTS - 1:
-                raise UserError(f"cannot read results file {path}: {e}") from None
-            time.sleep(0.05 * 2 ** attempt)
-    raise AssertionError("unreachable")
-
-
-class _Transient(Exception):
-    """A read failure that a file being written can cause."""
-
-
-def _read_run_once(path: str) -> dict:
-    # locking=False: a reader must neither wait for nor block the running
-    # job that writes this file. Exception: a file this process is writing,
-    # where HDF5 insists on the writer's own locking setting (and shares the
-    # open file, so no lock is taken anyway).
-    same_process = os.path.realpath(path) in _OPEN_WRITERS
-    locking = _WRITER_LOCKING if same_process else False
-    try:
-        f = h5py.File(path, "r", locking=locking)
-    except OSError as e:
-        if not h5py.is_hdf5(path):
-            raise UserError(f"{path} is not an HDF5 file, so not a fedmpi "
-                            f"results file") from None
-        raise _Transient(e) from None
-    try:
-        return _read_open_file(f, path)
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise _Transient(e) from None
-    finally:
-        f.close()
-
-
-def _read_open_file(f: h5py.File, path: str) -> dict:
-    if "layout_version" not in f.attrs:
-        raise UserError(f"{path} is an HDF5 file but not a fedmpi "
-                        f"results file (no layout_version attribute)")
-    version = int(f.attrs["layout_version"])
-    if version > LAYOUT_VERSION:
-        raise UserError(
-            f"results file {path} has layout version {version}, newer "
-            f"than this fedmpi reads ({LAYOUT_VERSION}): upgrade fedmpi")
-    attrs = {k: _py(v) for k, v in f.attrs.items()}
-    model = f.get("model")
-    params = None
-    layer_sizes: list[int] = []
-    if model is not None:
-        if "params" in model:
-            params = model["params"][()]
-        if "layer_sizes" in model.attrs:
-            layer_sizes = [int(s) for s in model.attrs["layer_sizes"]]
-    return {
-        "config": json.loads(attrs.get("config", "{}")),
-        "attrs": attrs,
-        "rounds": _read_columns(f.get("rounds")),
-        "clients": _read_columns(f.get("clients")),
-        "partition": {name: ds[()]
-                      for name, ds in f.get("partition", {}).items()},
-        "params": params,
-        "layer_sizes": layer_sizes,
-    }
-
-
-def layers_from_flat(params: np.ndarray,
-                     layer_sizes) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Split a flat parameter vector into per-layer (W, b) views.
-
-    W_l has shape (layer_sizes[l], layer_sizes[l+1]), b_l (layer_sizes[l+1],);
-    the layout written by ResultsWriter.write_params. No data is copied.
-    """
-    flat = np.asarray(params)
-    sizes = [int(s) for s in layer_sizes]
-    expected = _num_params(sizes)
-    if flat.ndim != 1 or flat.size != expected:
-        raise ValueError(f"expected a flat vector of {expected} values for "
-                         f"layer sizes {sizes}, got shape {flat.shape}")
-    layers = []
-    offset = 0
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        w = flat[offset:offset + n_in * n_out].reshape(n_in, n_out)
-        offset += n_in * n_out
-        b = flat[offset:offset + n_out]
-        offset += n_out
-        layers.append((w, b))
-    return layers
-
-
-def read_checkpoint(path: str) -> tuple[dict, int, dict[str, np.ndarray]] | None:
-    """(config, round, arrays) of the run's last complete checkpoint, or None."""
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError:
-        return None
-    with f:
-        if "layout_version" not in f.attrs or "config" not in f.attrs:
-            return None
-        group = f.get("checkpoint")
-        if group is None or "current" not in group.attrs:
-            return None
-        slot = group[f"slot{int(group.attrs['current'])}"]
-        arrays = {name: ds[...] for name, ds in slot.items()}
-        return json.loads(_py(f.attrs["config"])), int(slot.attrs["round"]), arrays
-
-
-def load(path: str):
-    """The run in `path` as a fedmpi.analysis.Run (config, rounds, clients, params...)."""
-    from fedmpi.analysis import load as _load  # analysis builds on this module
-
-    return _load(path)
-
-
-def load_many(paths_or_glob, target: float | None = None):
-    """One row per run with config keys as columns (see fedmpi.analysis.load_many)."""
-    from fedmpi.analysis import load_many as _load_many
-
-    return _load_many(paths_or_glob, target=target)
+__all__ = ["CLIENT_FIELDS", "LAYOUT_VERSION", "ROUND_FIELDS", "ResultsWriter",
+           "check_output_path", "layers_from_flat", "load", "load_many", "read_checkpoint",
+           "read_run"]

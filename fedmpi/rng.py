@@ -17,9 +17,11 @@ PURPOSES = {
     "dp-noise": 4,  # Gaussian noise added to a round's sum of clipped updates (rank 0)
     "dp-clip-count": 5,  # noise on the count of unclipped clients (adaptive clipping)
     "dropout": 6,  # which sampled clients fail to report in a round
-    "straggler": 7,  # whether a round's client is a straggler and how much work it does
-    "attackers": 8,  # which clients are malicious (one draw per run)
-    "attack-noise": 9,  # a gaussian attacker's fake update
+    "canary": 7,  # which canary clients take part in a round (empirical privacy)
+    "canary-direction": 8,  # a canary's random unit update
+    "straggler": 9,  # whether a round's client is a straggler and how much work it does
+    "attackers": 10,  # which clients are malicious (one draw per run)
+    "attack-noise": 11,  # a gaussian attacker's fake update
 }
 
 

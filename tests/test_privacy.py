@@ -323,3 +323,44 @@ def test_empty_poisson_rounds_still_add_noise(run_fedmpi, tmp_path, numba_warm):
     assert (r["num_clients"] == 0).any(), "seed 3 should give an empty round"
     assert np.isnan(r["train_loss"][r["num_clients"] == 0]).all()
     assert np.isfinite(r["test_loss"]).all()
+
+
+# ------------------------------------------------------- empirical privacy
+
+
+def test_canary_epsilon_is_the_hockey_stick_of_two_gaussians():
+    """Reference: the hockey-stick divergence of N(0,1) and N(mu,1) integrated on a grid."""
+    from fedmpi.privacy.canaries import gaussian_epsilon
+
+    x = np.linspace(-40, 50, 900_001)
+    dx = x[1] - x[0]
+    for mu, delta in ((0.5, 1e-5), (2.0, 1e-3), (5.0, 1e-5)):
+        p0, p1 = norm.pdf(x), norm.pdf(x, loc=mu)
+        eps = gaussian_epsilon(mu, delta)
+        assert np.clip(p1 - math.exp(eps) * p0, 0, None).sum() * dx == pytest.approx(delta, rel=1e-3)
+        assert gaussian_epsilon(mu, delta) == pytest.approx(_analytic_gaussian_epsilon(mu, delta),
+                                                            rel=1e-6)
+    assert gaussian_epsilon(0.0, 1e-5) == 0.0 and gaussian_epsilon(-2.0, 1e-3) == gaussian_epsilon(2.0, 1e-3)
+
+
+def test_canaries_estimate_follows_the_noise(run_fedmpi, tmp_path, numba_warm):
+    """No noise: the inserted canaries stand out (large empirical epsilon); strong noise: the
+    estimate's interval reaches down to the accountant's bound or below."""
+    est = {}
+    for z in (0.0, 5.0):
+        out = tmp_path / f"canary{z}.h5"
+        args = SMALL_SYNTHETIC + ["--clients", "30", "--clients-per-round", "6", "--rounds", "8",
+                                  "--sampling", "poisson", "--dp-clip", "0.5",
+                                  "--dp-noise-multiplier", str(z), "--dp-delta", "1e-3",
+                                  "--dp-canaries", "60", "--out", str(out)]
+        res = run_fedmpi(args)
+        assert res.returncode == 0, describe(res)
+        assert "empirical epsilon from 60 canaries" in res.stdout
+        run = read_run(str(out))
+        est[z] = (run["attrs"]["empirical_epsilon"], run["attrs"]["empirical_epsilon_interval"],
+                  run["rounds"]["epsilon"][-1])
+        assert run["rounds"]["canaries_inserted"].sum() > 0
+    assert est[0.0][0] > 3 and est[0.0][2] == math.inf
+    lo, hi = est[5.0][1]
+    assert lo <= est[5.0][0] <= hi and lo <= est[5.0][2]
+    assert est[5.0][0] < est[0.0][0]

@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 
 from fedmpi import analysis, report
+from fedmpi.report import clients as report_clients
+from fedmpi.report import plot as report_plot
+from fedmpi.report._figure import DPI
 from fedmpi.errors import UserError
 from fedmpi.results import ResultsWriter, read_run
 
@@ -29,7 +32,9 @@ RUN_ARGS = ["--clients", "12", "--clients-per-round", "4", "--rounds", str(ROUND
             "--hidden", "16"]
 SPECS = [(p, s) for p in ("iid", "natural") for s in (0, 1)]
 SUMMARY = ["rounds_done", "final_accuracy", "best_accuracy", "rounds_to_target",
-           "seconds_to_target", "bytes_up", "bytes_down", "wall_seconds"]
+           "seconds_to_target", "bytes_up", "bytes_down", "wall_seconds", "epsilon"]
+# what `summary` prints when no run is differentially private: no epsilon column
+SUMMARY_NO_DP = [c for c in SUMMARY if c != "epsilon"]
 
 
 def _env():
@@ -89,6 +94,7 @@ def expected(path, target=None):
         "bytes_up": int(r["bytes_up"].sum()),
         "bytes_down": int(r["bytes_down"].sum()),
         "wall_seconds": float(r["seconds"].sum()),
+        "epsilon": float(r["epsilon"][-1]) if "epsilon" in r else None,
     }
     if target is not None:
         for i in range(len(acc)):
@@ -120,9 +126,10 @@ def call(capsys, *args):
     return status, out, err
 
 
-def write_partial(src, dst, rows, config_update=None, drop=()):
+def write_partial(src, dst, rows, config_update=None, drop=(), extra_rounds=None):
     """A copy of run src with only its first `rows` rounds and no final model,
-    as a killed (or still running) job leaves it; `drop` omits round fields."""
+    as a killed (or still running) job leaves it; `drop` omits round fields,
+    `extra_rounds` ({field: values}) adds some."""
     data = read_run(src)
     config = dict(data["config"], **(config_update or {}))
     with ResultsWriter(str(dst), overwrite=True, config=config,
@@ -131,8 +138,9 @@ def write_partial(src, dst, rows, config_update=None, drop=()):
                        partition_sizes=data["partition"]["num_samples"],
                        label_histogram=data["partition"]["label_histogram"]) as w:
         for i in range(rows):
-            w.append_round({k: v[i].item() for k, v in data["rounds"].items()
-                            if k not in drop})
+            w.append_round({**{k: v[i].item() for k, v in data["rounds"].items()
+                               if k not in drop},
+                            **{k: float(v[i]) for k, v in (extra_rounds or {}).items()}})
             sel = data["clients"]["round"] == data["rounds"]["round"][i]
             w.append_clients({k: v[sel] for k, v in data["clients"].items()})
             w.flush()
@@ -271,13 +279,13 @@ def test_summary_csv(runs, run_dir, capsys):
                             "--target", repr(target), "--csv")
     assert status == 0 and err == ""
     table = list(csv.DictReader(io.StringIO(out)))
-    assert list(table[0]) == ["path", "partition", "seed", *SUMMARY]
+    assert list(table[0]) == ["path", "partition", "seed", *SUMMARY_NO_DP]
     assert len(table) == 4
     for row in table:
         want, config, _ = expected(row["path"], target)
         assert row["partition"] == config["partition"]
         assert int(row["seed"]) == config["seed"]
-        for key in SUMMARY:
+        for key in SUMMARY_NO_DP:
             if want[key] is None:
                 assert row[key] == ""
             elif isinstance(want[key], int):
@@ -424,7 +432,7 @@ def test_plot_png(runs, run_dir, tmp_path, capsys):
     assert err == ""
     assert out.stat().st_size > 1000
     img = matplotlib.image.imread(str(out))
-    h, w = round(report.FIGSIZE[1] * report.DPI), round(report.FIGSIZE[0] * report.DPI)
+    h, w = round(report_plot.FIGSIZE[1] * DPI), round(report_plot.FIGSIZE[0] * DPI)
     assert img.shape[:2] == (h, w)
     assert img[..., :3].std() > 0.05  # not blank
     # partitions are curves, seeds are averaged into them
@@ -436,22 +444,46 @@ def test_plot_curves_and_other_axes(runs, tmp_path, capsys):
     if not _has_matplotlib():
         pytest.skip("matplotlib is not installed (pip install fedmpi[plot])")
     paths = [runs[spec] for spec in SPECS]
-    res = report.plot_runs(paths, str(tmp_path / "a.svg"), x="seconds")
+    res = report_plot.plot_runs(paths, str(tmp_path / "a.svg"), x="seconds")
     assert res.labels == ["partition=iid (mean, min-max of 2 seeds)",
                           "partition=natural (mean, min-max of 2 seeds)"]
     assert res.notes == []
     assert (tmp_path / "a.svg").read_text().lstrip().startswith("<?xml")
-    res = report.plot_runs(paths, str(tmp_path / "b.pdf"), x="bytes_up", y="train_loss",
+    res = report_plot.plot_runs(paths, str(tmp_path / "b.pdf"), x="bytes_up", y="train_loss",
                            group_by=["partition", "seed"], dpi=50)
     assert res.labels == [f"partition={p}, seed={s}" for p, s in SPECS]
     assert (tmp_path / "b.pdf").read_bytes().startswith(b"%PDF")
-    res = report.plot_runs(paths, str(tmp_path / "c.png"), group_by=["seed"], dpi=40)
+    res = report_plot.plot_runs(paths, str(tmp_path / "c.png"), group_by=["seed"], dpi=40)
     assert res.labels == ["seed=0 (mean, min-max of 2 runs)", "seed=1 (mean, min-max of 2 runs)"]
     assert any("also differ in partition" in n for n in res.notes)
     killed = write_partial(runs[("iid", 1)], tmp_path / "killed.h5", rows=2)
-    res = report.plot_runs([runs[("iid", 0)], killed], str(tmp_path / "d.png"), dpi=40)
+    res = report_plot.plot_runs([runs[("iid", 0)], killed], str(tmp_path / "d.png"), dpi=40)
     assert res.labels == ["all runs (mean, min-max of 2 seeds)"]
     assert any("over the 2 rounds" in n for n in res.notes)
+
+
+def test_epsilon_in_summary_and_on_the_x_axis(runs, tmp_path, capsys):
+    """A DP run's privacy spent: the last /rounds/epsilon in the summary, and accuracy drawn
+    against the per-round epsilon values themselves (not a cumulative sum)."""
+    eps = np.array([0.4, 0.7, 0.95])
+    dp = write_partial(runs[("iid", 0)], tmp_path / "dp.h5", rows=3, extra_rounds={"epsilon": eps},
+                       config_update={"dp_clip": 1.0, "dp_noise_multiplier": 1.0})
+    plain = runs[("iid", 1)]
+    status, out, err = call(capsys, "summary", dp, plain, "--csv")
+    assert status == 0 and err == ""
+    table = {row["path"]: row for row in csv.DictReader(io.StringIO(out))}
+    assert float(table[dp]["epsilon"]) == 0.95 and table[plain]["epsilon"] == ""
+    status, out, _ = call(capsys, "summary", dp)
+    assert out.splitlines()[0].split()[-1] == "epsilon" and out.split()[-1] == "0.95"
+    if not _has_matplotlib():
+        return
+    res = report_plot.draw_runs([dp, plain], x="epsilon")
+    (line,) = res.figure.axes[0].get_lines()
+    acc = read_run(dp)["rounds"]["test_accuracy"]
+    keep = ~np.isnan(acc)
+    np.testing.assert_array_equal(line.get_xdata(), eps[keep])
+    np.testing.assert_array_equal(line.get_ydata(), acc[keep])
+    assert any("not a DP run" in n for n in res.notes)
 
 
 def test_plot_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
@@ -641,7 +673,7 @@ def test_clients_defaults_and_without_pandas(runs, capsys, monkeypatch):
     assert status == 0
     lines = out.splitlines()
     par = _section(lines, "participation:")
-    assert len(par) == 5 + 2 * report.CLIENTS_TOP + 1 and "(2 more clients)" in par[10]
+    assert len(par) == 5 + 2 * report_clients.CLIENTS_TOP + 1 and "(2 more clients)" in par[10]
     assert len(_section(lines, "client train_loss per round")) == 2 + ROUNDS
     monkeypatch.setattr(analysis, "_pandas", lambda: None)
     status, again, _ = call(capsys, "clients", path)
@@ -655,12 +687,12 @@ def test_clients_defaults_and_without_pandas(runs, capsys, monkeypatch):
 
 
 def test_loss_rows():
-    assert list(report.loss_rows(0)) == []
-    assert list(report.loss_rows(4)) == [0, 1, 2, 3]
-    assert list(report.loss_rows(30)) == [*range(0, 30, 2), 29]
-    assert len(report.loss_rows(1000)) <= report.LOSS_ROWS + 1
-    assert list(report.loss_rows(31, every=10)) == [0, 10, 20, 30]
-    assert list(report.loss_rows(32, every=10)) == [0, 10, 20, 30, 31]
+    assert list(report_clients.loss_rows(0)) == []
+    assert list(report_clients.loss_rows(4)) == [0, 1, 2, 3]
+    assert list(report_clients.loss_rows(30)) == [*range(0, 30, 2), 29]
+    assert len(report_clients.loss_rows(1000)) <= report_clients.LOSS_ROWS + 1
+    assert list(report_clients.loss_rows(31, every=10)) == [0, 10, 20, 30]
+    assert list(report_clients.loss_rows(32, every=10)) == [0, 10, 20, 30, 31]
 
 
 def test_clients_killed_and_empty_runs(runs, tmp_path, capsys):
@@ -695,20 +727,20 @@ def test_clients_figure(runs, tmp_path, capsys):
     assert "participation:" in stdout  # the text comes too
     assert out.stat().st_size > 1000
     img = matplotlib.image.imread(str(out))
-    w, h = (round(v * report.DPI) for v in report.CLIENTS_FIGSIZE)
+    w, h = (round(v * DPI) for v in report_clients.CLIENTS_FIGSIZE)
     assert img.shape[:2] == (h, w)
     assert img[..., :3].std() > 0.05  # not blank
-    notes = report.plot_clients(runs[("iid", 0)], str(tmp_path / "c.svg"), dpi=40,
+    notes = report_clients.plot_clients(runs[("iid", 0)], str(tmp_path / "c.svg"), dpi=40,
                                 title="my title")
     assert notes == []
     svg = (tmp_path / "c.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "my title" in svg
-    report.plot_clients(analysis.load(runs[("iid", 1)]), str(tmp_path / "c.pdf"), dpi=40)
+    report_clients.plot_clients(analysis.load(runs[("iid", 1)]), str(tmp_path / "c.pdf"), dpi=40)
     assert (tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
-    report.plot_clients(runs[("iid", 0)], str(tmp_path / "small.png"), dpi=50)
+    report_clients.plot_clients(runs[("iid", 0)], str(tmp_path / "small.png"), dpi=50)
     img = matplotlib.image.imread(str(tmp_path / "small.png"))
-    assert img.shape[:2] == (round(report.CLIENTS_FIGSIZE[1] * 50),
-                             round(report.CLIENTS_FIGSIZE[0] * 50))
+    assert img.shape[:2] == (round(report_clients.CLIENTS_FIGSIZE[1] * 50),
+                             round(report_clients.CLIENTS_FIGSIZE[0] * 50))
 
 
 def test_clients_without_matplotlib(runs, tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ from fedmpi.client import LocalTrainer
 from fedmpi.config import Config
 from fedmpi.model import kernels
 from fedmpi.model.mlp import MLP
+from fedmpi.pipeline import restore
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class FedAvg:
 
     def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
         for name, a in self.server_opt.state.items():
-            a[...] = arrays[name]
+            restore(a, arrays, name, f"server optimizer {self.server_opt.kind}")
 
     def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
         """New global params (float32) from the float64 weighted mean update."""

@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from fedmpi.errors import UserError
-from fedmpi.pipeline import ServerContext, Stage
+from fedmpi.pipeline import ServerContext, Stage, restore
 from fedmpi.privacy.accounting import Accountant, resolve_accountant
 from fedmpi.rng import generator
 
@@ -171,6 +171,7 @@ class GaussianDP(Stage):
             fraction = below / self.expected + 0.5
             self._clip[0] = bound * math.exp(-self.clip_lr * (fraction - self.quantile))
         n = clipped.shape[0]
+        self.accountant.prefetch(ctx.rnd, self._cfg.rounds)  # once; later rounds come ready
         ctx.metrics.update({
             "epsilon": self.accountant.epsilon(ctx.rnd),
             "dp_clip_norm": bound,
@@ -184,4 +185,4 @@ class GaussianDP(Stage):
         return {"dp_clip_norm": self._clip}
 
     def load_state(self, arrays) -> None:
-        self._clip[...] = arrays["dp_clip_norm"]
+        restore(self._clip, arrays, "dp_clip_norm", "differential privacy's clip norm")

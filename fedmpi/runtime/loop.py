@@ -249,7 +249,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     model = MLP((data.num_features, *cfg.hidden, data.num_classes))
     params = model.init(generator(cfg.seed, "init"), cfg.init)  # same on every rank
     algo = algorithms.make(cfg, model)
-    pipeline = update_pipeline.build(cfg, model)
+    pipeline = update_pipeline.build(cfg, model, params)
     # per-client statistics that travel to rank 0 with one Reduce: training, the
     # pipeline's client columns, and (last) the fixed-point encoder's coarse count
     # (local_steps, straggler: only when some clients straggle)
@@ -397,6 +397,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                           "because a much larger value (a diverging or malicious client?) set "
                           "their block's scale; see /rounds/fixed_point_coarse",
                           file=sys.stderr, flush=True)
+                final = pipeline.summary(params) if rnd == cfg.rounds else {}
                 seconds = time.perf_counter() - t0
                 with signals.held():  # a stop never leaves half a round in the file
                     writer.append_round({
@@ -413,8 +414,15 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                                                       **pipeline.state()})
                     if rnd == cfg.rounds:
                         writer.write_params("params", params)
+                        writer.set_attrs(final)
                         writer.flush()
                 progress.round_done(rnd, test_acc, test_loss, train_loss, seconds)
+                if "empirical_epsilon" in final:
+                    lo, hi = final["empirical_epsilon_interval"]
+                    print(f"empirical epsilon from {final['canaries']} canaries: "
+                          f"{final['empirical_epsilon']:.3g} (95% interval {lo:.3g} to {hi:.3g}; "
+                          f"accountant: {stage_metrics['epsilon']:.3g}) at delta "
+                          f"{cfg.dp_delta:g}", flush=True)
         finished = True
         shared.free()  # collective: only on the way out that every rank takes
     finally:
