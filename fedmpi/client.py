@@ -31,31 +31,51 @@ class LocalTrainer:
         self._xscale = np.float32(data.x_scale)
         self._loss = kernels.LOSSES[cfg.loss]
         self._opt = kernels.OPTIMIZERS[cfg.optimizer]
+        self._flipped = None  # labels C-1-y, made on first use by a label-flipping attacker
+
+    def labels(self, flip: bool = False) -> np.ndarray:
+        """Training labels; with `flip`, the label-flipping attack's C-1-y (one
+        label array per rank, made once: the shard's samples are not copied)."""
+        if not flip:
+            return self.data.y_train
+        if self._flipped is None:
+            y = self.data.y_train
+            self._flipped = (self.data.num_classes - 1 - y).astype(y.dtype)
+        return self._flipped
 
     def train(self, params: np.ndarray, indices: np.ndarray, rng: np.random.Generator,
               prox_mu: float = 0.0, anchor: np.ndarray = _EMPTY,
-              correction: np.ndarray = _EMPTY) -> tuple[float, int, int]:
+              correction: np.ndarray = _EMPTY, epochs: int | None = None,
+              steps: int | None = None, flip_labels: bool = False) -> tuple[float, int, int]:
         """Local epochs in place on `params`; returns (loss sum, samples seen, steps).
 
         Each epoch visits the client's samples in a fresh random order drawn
-        from `rng` (the client's own generator for this round).
+        from `rng` (the client's own generator for this round). `epochs`
+        overrides --local-epochs (a straggler's); `steps` cuts a single epoch
+        to its first `steps` minibatches.
         """
         cfg = self.cfg
+        epochs = cfg.local_epochs if epochs is None else epochs
         order = np.concatenate([indices[rng.permutation(indices.shape[0])]
-                                for _ in range(cfg.local_epochs)])
+                                for _ in range(epochs)])
+        if steps is not None:
+            assert epochs == 1 and cfg.batch_size > 0
+            order = order[:steps * cfg.batch_size]
         settings = kernels.train_settings(
-            cfg.local_epochs, cfg.batch_size, self._loss, self._opt, cfg.lr, cfg.momentum,
+            epochs, cfg.batch_size, self._loss, self._opt, cfg.lr, cfg.momentum,
             cfg.weight_decay, prox_mu=prox_mu)
         loss, seen, steps = kernels.train_local(
             params, self._sizes, self._woff, self._boff, self.data.x_train, self._xscale,
-            self.data.y_train, order, settings, anchor, correction, self._grad, self._state,
-            self._ws)
+            self.labels(flip_labels), order, settings, anchor, correction, self._grad,
+            self._state, self._ws)
         return float(loss), int(seen), int(steps)
 
-    def gradient(self, params: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, float]:
+    def gradient(self, params: np.ndarray, indices: np.ndarray,
+                 flip_labels: bool = False) -> tuple[np.ndarray, float]:
         """Full-batch mean-loss gradient at `params` (a view of an internal buffer) and the loss sum."""
         loss = kernels.gradient(params, self._sizes, self._woff, self._boff, self.data.x_train,
-                                self._xscale, self.data.y_train, np.ascontiguousarray(indices),
+                                self._xscale, self.labels(flip_labels),
+                                np.ascontiguousarray(indices),
                                 self._loss, self._grad, self._ws)
         return self._grad, float(loss)
 

@@ -25,11 +25,12 @@ else:  # pragma: no cover
 
 DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
 PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet", "dirichlet_clients")
-ALGORITHMS = ("fedavg", "fedsgd", "fedprox")
+ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "fednova")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
-AGGREGATORS = ("mean", "median", "trimmed_mean")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 CLIENT_SAMPLINGS = ("uniform", "proportional")
 CLIENT_WEIGHTINGS = ("samples", "uniform")
+ATTACKS = ("none", "signflip", "gaussian", "labelflip")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 SAMPLINGS = ("fixed", "poisson")
@@ -102,6 +103,29 @@ class Config:
         "fraction of updates dropped from each side per coordinate by --aggregator trimmed_mean"))
     prox_mu: float = field(default=0.01, metadata=_opt(
         "proximal weight mu of --algorithm fedprox"))
+    # Byzantine robustness, attacks and system heterogeneity (validated in _validate_algos)
+    byzantine: int = field(default=0, metadata=_opt(
+        "f: Byzantine clients per round that --aggregator krum/multikrum must tolerate "
+        "(Blanchard et al. 2017; needs --clients-per-round > 2f + 2)"))
+    multikrum_m: int | None = field(default=None, metadata=_opt(
+        "m: updates --aggregator multikrum averages (the m best Krum scores; default: the "
+        "round's clients minus f)"))
+    stragglers: float = field(default=0.0, metadata=_opt(
+        "fraction of each round's clients that are stragglers (FedProx paper, Li et al. 2020): "
+        "K - round(K*(1-p)) of them, seeded per round, do x ~ U{1..E-1} local epochs instead "
+        "of E (with E = 1: x ~ U{1..S-1} of their S minibatch steps)"))
+    drop_stragglers: bool = field(default=False, metadata=_opt(
+        "stragglers do not report (their work is discarded): the FedProx paper's FedAvg "
+        "baseline; without it, their partial work is used (FedProx, FedNova)"))
+    attack: str = field(default="none", metadata=_opt(
+        "what malicious clients do: signflip (send -scale * update), gaussian (send "
+        "N(0, scale^2) noise), labelflip (train on labels C-1-y)", ATTACKS))
+    attackers: float = field(default=0.0, metadata=_opt(
+        "fraction of the clients that are malicious (round(f*N) of them, seeded, fixed for "
+        "the run) under --attack"))
+    attack_scale: float = field(default=1.0, metadata=_opt(
+        "scale of --attack signflip (update -> -scale*update) and standard deviation of "
+        "--attack gaussian"))
     sampling: str = field(default="fixed", metadata=_opt(
         "how a round's clients are drawn: fixed (exactly --clients-per-round K, without "
         "replacement) or poisson (each client independently with q = K / --clients; a round "
@@ -388,9 +412,10 @@ def validate(cfg: Config) -> Config:
          f"{' --error-feedback' if cfg.error_feedback else ''}: the decoded update can be "
          "longer than the clip norm, which breaks the privacy guarantee; with DP use "
          "--compress topk or sign, without --error-feedback")
+    _validate_algos(cfg, need)
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
                  "aggregator", "client_sampling", "client_weighting", "sampling",
-                 "dp_accountant", "compress", "compress_down", "qsgd_coding"):
+                 "dp_accountant", "compress", "compress_down", "qsgd_coding", "attack"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
@@ -451,6 +476,45 @@ def _validate_dp(cfg: Config, need) -> None:
              f"--dp-clip-count-stddev must be >= 0 (got {cfg.dp_clip_count_stddev})")
 
 
+def _validate_algos(cfg: Config, need) -> None:
+    """Krum, FedNova, stragglers and attacks."""
+    k, f = cfg.clients_per_round, cfg.byzantine
+    need(f >= 0, f"--byzantine must be non-negative (got {f})")
+    if cfg.aggregator in ("krum", "multikrum"):
+        # with Poisson sampling or drop-outs a round may have fewer: such a
+        # round keeps the model (see fedmpi.algorithms.robust.krum_select)
+        need(k > 2 * f + 2, f"--aggregator {cfg.aggregator} with --byzantine {f} needs more "
+             f"than 2f + 2 = {2 * f + 2} clients per round (Blanchard et al. 2017); got "
+             f"--clients-per-round {k}: raise it or lower --byzantine")
+    else:
+        need(f == 0, f"--byzantine {f} is the Krum assumption: use it with --aggregator "
+             "krum or multikrum")
+    if cfg.multikrum_m is not None:
+        need(cfg.aggregator == "multikrum", "--multikrum-m needs --aggregator multikrum")
+        need(1 <= cfg.multikrum_m <= k - f, f"--multikrum-m must be between 1 and "
+             f"--clients-per-round - --byzantine ({k - f}); got {cfg.multikrum_m}")
+    need(0 <= cfg.stragglers <= 1, f"--stragglers must be in [0, 1] (got {cfg.stragglers})")
+    need(not cfg.drop_stragglers or cfg.stragglers > 0,
+         "--drop-stragglers needs --stragglers P (the fraction of clients that straggle)")
+    need(cfg.stragglers == 0 or cfg.algorithm != "fedsgd",
+         "--algorithm fedsgd sends one gradient per client: there is no local work to cut "
+         "short, so --stragglers does not apply")
+    if cfg.algorithm == "fednova":
+        need(cfg.optimizer == "sgd", "--algorithm fednova normalises plain or momentum SGD "
+             "steps (Wang et al. 2020): use --optimizer sgd")
+        need(cfg.aggregator == "mean", f"--algorithm fednova is a weighted average: use "
+             f"--aggregator mean, not {cfg.aggregator}")
+        need(cfg.dp_clip is None, "--algorithm fednova rescales the sum by data-dependent "
+             "step counts, which the DP sensitivity bound does not cover: drop --dp-clip")
+    need(cfg.attackers == 0 or cfg.attack != "none",
+         "--attackers F needs --attack signflip, gaussian or labelflip")
+    if cfg.attack != "none":
+        need(0 < cfg.attackers < 1, f"--attack {cfg.attack} needs --attackers F in (0, 1), "
+             f"the fraction of malicious clients (got {cfg.attackers})")
+        need(math.isfinite(cfg.attack_scale) and cfg.attack_scale > 0,
+             f"--attack-scale must be positive (got {cfg.attack_scale})")
+
+
 def warnings(cfg: Config) -> list[str]:
     """Settings that are allowed but probably not what the user wants."""
     out = []
@@ -463,9 +527,20 @@ def warnings(cfg: Config) -> list[str]:
     if cfg.dp_clip is not None and cfg.dp_noise_multiplier == 0 and cfg.dp_target_epsilon is None:
         out.append("--dp-noise-multiplier 0: updates are clipped but not noised, so there is "
                    "no privacy guarantee (epsilon = inf)")
-    from fedmpi.compression.stages import warnings_for as compression_warnings
-
-    return out + compression_warnings(cfg)
+    if cfg.aggregator in ("krum", "multikrum") and (
+            cfg.sampling == "poisson" or cfg.dropout_rate > 0 or cfg.drop_stragglers):
+        out.append(f"--aggregator {cfg.aggregator}: a round in which {2 * cfg.byzantine + 2} or "
+                   "fewer clients report (Poisson sampling, drop-outs, dropped stragglers) keeps "
+                   "the model unchanged: Krum needs more than 2f + 2 updates")
+    if cfg.attack != "none" and cfg.aggregator == "mean":
+        out.append(f"--attack {cfg.attack} with --aggregator mean: nothing defends against the "
+                   "attackers (the undefended baseline); use median, trimmed_mean, krum or "
+                   "multikrum to defend")
+    if cfg.compress != "none" or cfg.error_feedback:
+        # the codecs are numba kernels: imported only where compression is asked for
+        from fedmpi.compression.stages import warnings_for as compression_warnings
+        out += compression_warnings(cfg)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

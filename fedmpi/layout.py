@@ -105,6 +105,10 @@ MORE_ROUND_FIELDS: dict[str, tuple[str, str]] = {
 MORE_CLIENT_FIELDS: dict[str, tuple[str, str]] = {
     "update_norm": ("1", "L2 norm of the client's update before clipping (--dp-clip)"),
     "clipped": ("1", "1 if the client's update was clipped (--dp-clip), else 0"),
+    "local_steps": ("steps", "Local optimizer steps the client took (--stragglers)"),
+    "straggler": ("1", "1 if the client was a straggler this round and did less local work "
+                  "(--stragglers), else 0"),
+    "attacker": ("1", "1 if the client is malicious (--attack, fixed for the run), else 0"),
     "secure_seconds": ("s", "Seconds the client spent in secure-aggregation cryptography"),
     "secure_bytes": (
         "bytes", "Bytes the client sent plus received in the secure-aggregation protocol (all "

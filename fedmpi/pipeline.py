@@ -78,6 +78,10 @@ class Stage:
     def round_params(self, rnd: int) -> dict:
         return {}
 
+    def local_work(self, rnd: int, client_id: int) -> dict:
+        """Overrides of the client's local training (LocalTrainer.train keywords)."""
+        return {}
+
     def client(self, update: np.ndarray, ctx: ClientContext) -> None:
         """Transform one client's float32 update in place."""
 
@@ -161,6 +165,13 @@ class Pipeline:
         total = float(raw.sum())
         return raw / total if total > 0 else raw.astype(np.float64)
 
+    def local_work(self, rnd: int, client_id: int) -> dict:
+        """What the stages change in one client's local training (e.g. an attacker's labels)."""
+        out: dict = {}
+        for s in self.stages:
+            out.update(s.local_work(rnd, client_id))
+        return out
+
     def client(self, update: np.ndarray, rnd: int, client_id: int, seed: int,
                params: dict, state: np.ndarray | None = None) -> ClientContext:
         """Run the client-side stages on one update (in place); metrics, payload, state."""
@@ -241,4 +252,7 @@ def build(cfg, model, initial_params: np.ndarray) -> Pipeline:
     if cfg.dp_clip is not None:
         from fedmpi.privacy.dp import GaussianDP
         stages.append(GaussianDP(cfg, model))
+    if cfg.attack != "none":
+        from fedmpi.attacks import Attack
+        stages.insert(0, Attack(cfg))  # the attacker acts before any honest stage
     return Pipeline(stages + last)

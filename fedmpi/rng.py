@@ -23,6 +23,9 @@ PURPOSES = {
     "dropout": 6,  # which sampled clients fail to report in a round
     "canary": 7,  # which canary clients take part in a round (empirical privacy)
     "canary-direction": 8,  # a canary's random unit update
+    "straggler": 9,  # whether a round's client is a straggler and how much work it does
+    "attackers": 10,  # which clients are malicious (one draw per run)
+    "attack-noise": 11,  # a gaussian attacker's fake update
     # secure aggregation: codes 20-29 (kept apart from other features' codes)
     "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
     "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round

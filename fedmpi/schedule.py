@@ -67,3 +67,57 @@ def assign(clients: np.ndarray, sizes: np.ndarray, num_workers: int) -> list[np.
         load[w] += int(sizes[c])
         count[w] += 1
     return [np.array(sorted(ws), dtype=np.int64) for ws in out]
+
+
+def stragglers(clients: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
+    """Boolean mask over `clients`: True for this round's stragglers.
+
+    As in the FedProx paper's code (Li et al. 2020, flearn/trainers): of the
+    round's K clients, K - round(K (1 - fraction)) are stragglers. Each client
+    draws a key from its own (round, client) generator and the clients with
+    the smallest keys straggle: the count is exact and the choice does not
+    depend on the number of ranks.
+    """
+    k = clients.shape[0]
+    count = k - int(round(k * (1.0 - fraction)))
+    mask = np.zeros(k, bool)
+    if count <= 0:
+        return mask
+    keys = [generator(seed, "straggler", round_, int(c)).random() for c in clients.tolist()]
+    mask[np.argsort(keys, kind="stable")[:count]] = True
+    return mask
+
+
+def straggler_work(client: int, num_samples: int, epochs: int, batch: int, seed: int,
+                   round_: int) -> dict:
+    """The reduced local work of straggler `client` (LocalTrainer.train overrides).
+
+    E >= 2: x ~ U{1..E-1} epochs, as the paper's code draws them
+    (np.random.randint(1, E); the paper's text says "[1, E]"). E = 1: the
+    first x ~ U{1..S-1} of its S minibatch steps; a client with one step per
+    epoch cannot do less and does its full work.
+    """
+    rng = generator(seed, "straggler", round_, client)
+    rng.random()  # the key `stragglers` drew
+    if epochs >= 2:
+        return {"epochs": int(rng.integers(1, epochs))}
+    per_epoch = steps_per_epoch(num_samples, batch)
+    if per_epoch >= 2:
+        return {"steps": int(rng.integers(1, per_epoch))}
+    return {}
+
+
+def steps_per_epoch(num_samples: int, batch: int) -> int:
+    """Minibatch steps in one local epoch (the kernels' rule: batch 0 or > n is full batch)."""
+    if num_samples == 0:
+        return 0
+    if batch <= 0 or batch > num_samples:
+        return 1
+    return -(-num_samples // batch)
+
+
+def local_steps(num_samples: int, batch: int, epochs: int, work: dict) -> int:
+    """Optimizer steps a client takes with local-work overrides `work`."""
+    if "steps" in work:
+        return int(work["steps"])
+    return int(work.get("epochs", epochs)) * steps_per_epoch(num_samples, batch)

@@ -1,14 +1,15 @@
 """Federated algorithms: each a small class overriding what differs from FedAvg."""
 
 from fedmpi.algorithms.base import ClientResult, FedAvg
+from fedmpi.algorithms.fednova import FedNova
 from fedmpi.algorithms.fedprox import FedProx
 from fedmpi.algorithms.fedsgd import FedSGD
 
-REGISTRY = {"fedavg": FedAvg, "fedsgd": FedSGD, "fedprox": FedProx}
+REGISTRY = {"fedavg": FedAvg, "fedsgd": FedSGD, "fedprox": FedProx, "fednova": FedNova}
 
 
 def make(cfg, model):
     return REGISTRY[cfg.algorithm](cfg, model)
 
 
-__all__ = ["ClientResult", "FedAvg", "FedProx", "FedSGD", "REGISTRY", "make"]
+__all__ = ["ClientResult", "FedAvg", "FedNova", "FedProx", "FedSGD", "REGISTRY", "make"]

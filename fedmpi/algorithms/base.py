@@ -29,6 +29,7 @@ class ClientResult:
     update: np.ndarray  # float32, what the client sends (may be a view of a scratch buffer)
     loss_sum: float  # sum of per-sample training losses the client saw
     samples_seen: int
+    steps: int = 0  # local optimizer steps taken
 
 
 class FedAvg:
@@ -60,12 +61,15 @@ class FedAvg:
         return self._scratch
 
     def client_update(self, trainer: LocalTrainer, global_params: np.ndarray,
-                      indices: np.ndarray, rng: np.random.Generator) -> ClientResult:
+                      indices: np.ndarray, rng: np.random.Generator, **work) -> ClientResult:
+        """`work`: this client's overrides of local training (LocalTrainer.train's
+        epochs, steps, flip_labels), e.g. for a straggler or an attacker."""
         local = self._local
         local[:] = global_params
-        loss, seen, _ = trainer.train(local, indices, rng, **self.local_objective(global_params))
+        loss, seen, steps = trainer.train(local, indices, rng, **work,
+                                          **self.local_objective(global_params))
         np.subtract(local, global_params, out=local)
-        return ClientResult(local, loss, seen)
+        return ClientResult(local, loss, seen, steps)
 
     def local_objective(self, global_params: np.ndarray) -> dict:
         """Extra terms of the client objective (keyword arguments of LocalTrainer.train)."""
@@ -80,13 +84,28 @@ class FedAvg:
         """The round's update from all clients' updates ((K, P), in client-id order)."""
         if updates.shape[0] == 0:  # a Poisson-sampled round may have no client
             return np.zeros(updates.shape[1])
-        if self.cfg.aggregator == "median":
+        kind, f = self.cfg.aggregator, self.cfg.byzantine
+        if kind == "median":
             return robust.coordinate_median(updates)
-        return robust.trimmed_mean(updates, self.cfg.trim)
+        if kind == "trimmed_mean":
+            return robust.trimmed_mean(updates, self.cfg.trim)
+        if updates.shape[0] <= 2 * f + 2:
+            # too few reports (Poisson sampling, drop-outs) for Krum's guarantee:
+            # keep the model this round rather than trust an unprotected choice
+            return np.zeros(updates.shape[1])
+        if kind == "krum":
+            return robust.krum(updates, f)
+        return robust.multikrum(updates, f, self.cfg.multikrum_m)
 
     def weight(self, num_samples: int) -> float:
         """A client's weight in the mean (normalised over the round's clients)."""
         return float(num_samples) if self.cfg.client_weighting == "samples" else 1.0
+
+    def round_weights(self, p: np.ndarray, sizes: np.ndarray, work: list[dict]) -> np.ndarray:
+        """Final weights of the round's updates in the exact sum, from the
+        normalised weights p (aligned with the round's clients, as are their
+        sample counts and local-work overrides); FedAvg uses p as is."""
+        return p
 
     def server_state(self) -> dict[str, np.ndarray]:
         """Server-side state beyond the model, saved in checkpoints."""

@@ -13,7 +13,7 @@ from fedmpi.algorithms.base import ClientResult, FedAvg
 
 
 class FedSGD(FedAvg):
-    def client_update(self, trainer, global_params, indices, rng) -> ClientResult:
-        grad, loss = trainer.gradient(global_params, indices)
+    def client_update(self, trainer, global_params, indices, rng, **work) -> ClientResult:
+        grad, loss = trainer.gradient(global_params, indices, work.get("flip_labels", False))
         np.multiply(grad, np.float32(-self.cfg.lr), out=self._local)
-        return ClientResult(self._local, loss, int(indices.shape[0]))
+        return ClientResult(self._local, loss, int(indices.shape[0]), 1)

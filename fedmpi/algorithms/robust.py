@@ -1,4 +1,4 @@
-"""Byzantine-robust aggregation of client updates (Yin et al., ICML 2018).
+"""Byzantine-robust aggregation of client updates.
 
 Instead of the sample-weighted mean, the server combines the round's K
 updates coordinate by coordinate:
@@ -6,8 +6,16 @@ updates coordinate by coordinate:
 - trimmed_mean: per coordinate, drop the floor(trim * K) largest and as many
   smallest values and average the rest (unweighted, as in the paper).
 Both sort each coordinate's values, so the result does not depend on the
-order in which updates arrive. They need every update at the server: the
-runtime gathers them (MPI Gatherv) instead of summing them.
+order in which updates arrive (Yin et al., ICML 2018).
+- krum: the one update closest to its n - f - 2 nearest neighbours
+  (Blanchard et al., NeurIPS 2017): score(i) = sum of the squared distances
+  from V_i to its n - f - 2 closest other updates; the update with the lowest
+  score wins. Needs n > 2f + 2.
+- multikrum: the plain mean of the m updates with the lowest scores (the
+  paper's Multi-Krum; m = n - f unless given).
+Ties in the score go to the lower client id (updates arrive in id order).
+All need every update at the server: the runtime gathers them (MPI
+Gatherv) instead of summing them.
 """
 
 from __future__ import annotations
@@ -28,3 +36,38 @@ def trimmed_mean(updates: np.ndarray, trim: float) -> np.ndarray:
         raise ValueError(f"trimming {cut} of {k} updates from each side leaves none")
     ordered = np.sort(updates.astype(np.float64), axis=0)
     return ordered[cut:k - cut].mean(axis=0)
+
+
+def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
+    """Krum score of each of the (n, P) updates: sum of squared L2 distances to
+    its n - f - 2 nearest other updates (float64)."""
+    n = updates.shape[0]
+    if n <= 2 * f + 2:
+        raise ValueError(f"Krum with f = {f} needs more than {2 * f + 2} updates, got {n}")
+    u = updates.astype(np.float64)
+    # squared distances via differences, not |a|^2 + |b|^2 - 2ab: no cancellation
+    d2 = np.empty((n, n))
+    for i in range(n):
+        diff = u - u[i]
+        d2[i] = np.einsum("ij,ij->i", diff, diff)
+    d2[np.arange(n), np.arange(n)] = np.inf  # a vector is not its own neighbour
+    nearest = np.sort(d2, axis=1)[:, :n - f - 2]
+    return nearest.sum(axis=1)
+
+
+def krum_select(updates: np.ndarray, f: int, m: int = 1) -> np.ndarray:
+    """Row indices of the m updates with the lowest Krum scores (ties: lower index first)."""
+    return np.argsort(krum_scores(updates, f), kind="stable")[:m]
+
+
+def krum(updates: np.ndarray, f: int) -> np.ndarray:
+    """(n, P) float32 updates -> (P,) float64: the update Krum selects."""
+    return updates[krum_select(updates, f, 1)[0]].astype(np.float64)
+
+
+def multikrum(updates: np.ndarray, f: int, m: int | None = None) -> np.ndarray:
+    """(n, P) float32 updates -> (P,) float64 mean of the m best-scored (default n - f)."""
+    n = updates.shape[0]
+    m = n - f if m is None else min(m, n - f)
+    chosen = np.sort(krum_select(updates, f, m))  # sum in id order
+    return updates[chosen].astype(np.float64).mean(axis=0)

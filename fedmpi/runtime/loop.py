@@ -315,7 +315,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     transport = T.make(cfg, comm, shared, model.num_params, algo, pipeline, workers)
     # per-client numbers that travel to rank 0 with one Reduce: training, the pipeline's
     # client columns, the transport's (the fixed-point coarse count, encoded bytes)
-    stat_cols = ("train_loss", "seconds", *pipeline.client_columns, *transport.stat_columns)
+    # (local_steps, straggler: only when some clients straggle)
+    work_cols = ("local_steps", "straggler") if cfg.stragglers > 0 else ()
+    stat_cols = ("train_loss", "seconds", *work_cols, *pipeline.client_columns,
+                 *transport.stat_columns)
     column = {name: j for j, name in enumerate(stat_cols)}
 
     timings.mark("set-up")
@@ -378,6 +381,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 cfg.clients, cfg.clients_per_round, cfg.seed, rnd, cfg.sampling,
                 sizes if cfg.client_sampling == "proportional" else None)
             clients = sampled[~schedule.dropouts(sampled, cfg.dropout_rate, cfg.seed, rnd)]
+            slow = schedule.stragglers(clients, cfg.stragglers, cfg.seed, rnd)
+            if cfg.drop_stragglers:  # FedAvg's way in the FedProx paper: their work is lost
+                clients, slow = clients[~slow], slow[~slow]
+            # each client's local-training overrides: a straggler's shorter work, an attacker's labels
+            work = [{**(schedule.straggler_work(c, int(sizes[c]), cfg.local_epochs,
+                                                cfg.batch_size, cfg.seed, rnd) if s else {}),
+                     **pipeline.local_work(rnd, c)}
+                    for c, s in zip(clients.tolist(), slow.tolist())]
             plan = schedule.assign(clients, sizes, len(workers))
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
             by_rank = [plan[workers.index(r)] if r in workers else np.zeros(0, np.int64)
@@ -387,9 +398,9 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if pipeline.stateful is not None:  # travels from rank 0 to the trainers and back
                 taken = pipeline.stateful.store.take(np.concatenate(by_rank))[0] if root else None
                 state_rows = C.scatter_rows(comm, taken, counts, model.num_params)
-            weights = pipeline.weights(
+            weights = algo.round_weights(pipeline.weights(
                 np.array([algo.weight(int(sizes[c])) for c in clients.tolist()], np.float64),
-                cfg.clients_per_round)
+                cfg.clients_per_round), sizes[clients], work)
 
             # 2. local training and the client side of the pipeline
             updates = np.empty((len(mine), model.num_params), np.float32)
@@ -401,16 +412,18 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             payloads = []  # encoded updates of `mine`, when a stage encodes
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
+                row = np.searchsorted(clients, c)
                 res = algo.client_update(trainer, params, part.indices(c),
-                                         generator(cfg.seed, "shuffle", rnd, c))
+                                         generator(cfg.seed, "shuffle", rnd, c), **work[row])
                 updates[i] = res.update
                 ctx = pipeline.client(updates[i], rnd, c, cfg.seed, rparams,
                                       None if state_rows is None else state_rows[i])
                 aggregate.block_max_abs(updates[i], bounds)  # also catches a diverged client
-                row = np.searchsorted(clients, c)
                 stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
-                stats[row, 2:2 + len(pipeline.client_columns)] = [
-                    ctx.metrics[k] for k in pipeline.client_columns]
+                if work_cols:
+                    stats[row, 2:4] = res.steps, float(slow[row])
+                for k in pipeline.client_columns:
+                    stats[row, column[k]] = ctx.metrics[k]
                 if ctx.payload is not None:
                     payloads.append(ctx.payload)
 
@@ -436,7 +449,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if root:
                 update, stage_metrics = pipeline.server(
                     got.update, rnd, clients,
-                    {k: all_stats[:-1, 2 + j] for j, k in enumerate(pipeline.client_columns)},
+                    {k: all_stats[:-1, column[k]] for k in pipeline.client_columns},
                     cfg.clients_per_round, cfg.seed, rparams)
                 old = params.copy()
                 if not got.skip_step:
