@@ -28,23 +28,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import cpu_model  # noqa: E402  benchmarks/common.py (the script's folder)
 from fedmpi.config import from_dict  # noqa: E402
 from fedmpi.model.mlp import MLP  # noqa: E402
 from fedmpi.privacy.accounting import Accountant  # noqa: E402
 from fedmpi.privacy.dp import clip  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def best_of(fn, repeats=20) -> float:
