@@ -35,6 +35,7 @@ OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("auto", "rdp", "pld")
+DP_NOISE_AT = ("server", "clients")
 SECURE_AGGREGATIONS = ("none", "secagg", "secagg+", "he")
 INITS = ("glorot_uniform", "he_uniform")
 COMPRESSORS = ("none", "topk", "randk", "qsgd", "sign", "fp16")
@@ -163,6 +164,11 @@ class Config:
     dp_clip_count_stddev: float | None = field(default=None, metadata=_opt(
         "noise stddev on the count of unclipped clients in adaptive clipping "
         "(default: --clients-per-round / 20, as in the paper)"))
+    dp_noise_at: str = field(default="server", metadata=_opt(
+        "who adds the DP noise: server (rank 0, to the sum) or clients (each adds "
+        "N(0, (z*S)^2 / t) to its clipped update, t the --secure-aggregation secagg threshold, "
+        "so that any sum the server can unmask carries at least the accounted noise)",
+        DP_NOISE_AT))
     dp_canaries: int = field(default=0, metadata=_opt(
         "one-shot empirical privacy estimate (Andrew et al. 2024): insert this many canary "
         "clients (random unit updates at the clip norm) and as many held-out directions; the "
@@ -415,7 +421,8 @@ def validate(cfg: Config) -> Config:
     _validate_algos(cfg, need)
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
                  "aggregator", "client_sampling", "client_weighting", "sampling",
-                 "dp_accountant", "compress", "compress_down", "qsgd_coding", "attack"):
+                 "dp_accountant", "compress", "compress_down", "qsgd_coding", "attack",
+                 "dp_noise_at"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
@@ -444,6 +451,8 @@ DP_FLAGS = ("dp_clip_per_layer", "dp_noise_multiplier", "dp_target_epsilon", "dp
 def _validate_dp(cfg: Config, need) -> None:
     if cfg.dp_clip is None:
         given = [n for n in DP_FLAGS if getattr(cfg, n) not in (None, False, 0)]
+        if cfg.dp_noise_at != "server":
+            given.append("dp_noise_at")
         need(not given, f"--{given[0].replace('_', '-') if given else ''} needs --dp-clip S: "
              "differential privacy starts with clipping each update to norm S")
         return
@@ -459,6 +468,12 @@ def _validate_dp(cfg: Config, need) -> None:
         need(math.isfinite(cfg.dp_target_epsilon) and cfg.dp_target_epsilon > 0,
              f"--dp-target-epsilon must be a positive number (got {cfg.dp_target_epsilon})")
     need(0 < cfg.dp_delta < 1, f"--dp-delta must be in (0, 1) (got {cfg.dp_delta})")
+    need(cfg.dp_noise_at != "clients" or cfg.secure_aggregation == "secagg"
+         and cfg.sampling == "fixed" and cfg.dp_clip_quantile is None,
+         "--dp-noise-at clients needs --secure-aggregation secagg with --sampling fixed and no "
+         "--dp-clip-quantile: the noise each client adds is sized by secagg's fixed threshold "
+         "t (the fewest clients whose sum the server can unmask), and adaptive clipping's "
+         "count would still be summed in the clear")
     need(cfg.dp_canaries == 0 or cfg.dp_canaries >= 2,
          f"--dp-canaries needs at least 2 canaries to estimate a spread (got {cfg.dp_canaries})")
     need(cfg.aggregator == "mean",

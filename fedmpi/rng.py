@@ -26,6 +26,7 @@ PURPOSES = {
     "straggler": 9,  # whether a round's client is a straggler and how much work it does
     "attackers": 10,  # which clients are malicious (one draw per run)
     "attack-noise": 11,  # a gaussian attacker's fake update
+    "dp-client-noise": 12,  # a client's share of the DP noise (--dp-noise-at clients)
     # secure aggregation: codes 20-29 (kept apart from other features' codes)
     "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
     "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round

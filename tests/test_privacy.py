@@ -201,6 +201,11 @@ def test_dropouts_are_per_client_and_at_the_rate():
     ({"dp_clip": 1.0, "dp_noise_multiplier": 1.0, "aggregator": "trimmed_mean"}, "--aggregator mean"),
     ({"dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_accountant": "pld"}, "--sampling poisson"),
     ({"dp_clip": 1.0, "dp_target_epsilon": 0.0}, "--dp-target-epsilon"),
+    ({"dp_noise_at": "clients"}, "needs --dp-clip"),
+    ({"dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_noise_at": "clients"},
+     "needs --secure-aggregation secagg"),
+    ({"dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_noise_at": "clients",
+      "secure_aggregation": "secagg", "sampling": "poisson"}, "needs --secure-aggregation secagg"),
     ({"dropout_rate": 1.0}, "--dropout-rate"),
     ({"sampling": "random"}, "--sampling"),
 ])
@@ -364,3 +369,27 @@ def test_canaries_estimate_follows_the_noise(run_fedmpi, tmp_path, numba_warm):
     lo, hi = est[5.0][1]
     assert lo <= est[5.0][0] <= hi and lo <= est[5.0][2]
     assert est[5.0][0] < est[0.0][0]
+
+
+@requires_mpiexec
+def test_noise_added_by_clients_under_secure_aggregation(run_fedmpi, tmp_path, numba_warm):
+    """--dp-noise-at clients: each of the K = 5 clients adds N(0, (z S)^2 / t) with t = 4, secagg's
+    default threshold ceil(2K/3), so the average carries sqrt(K / t) z S / K per coordinate --
+    at least the accounted z S / K whenever the server can unmask a sum -- and rank 0 adds none."""
+    S, z, K, t, lr = 1000.0, 0.002, 5, 4, 0.5
+    base = SMALL_SYNTHETIC + ["--rounds", "1", "--hidden", "64", "--server-lr", str(lr),
+                              "--dp-clip", str(S), "--dp-delta", "1e-3",
+                              "--secure-aggregation", "secagg", "--dp-noise-at", "clients"]
+    params = {}
+    for name, noise in (("clean", 0.0), ("noisy", z)):
+        out = tmp_path / f"{name}.h5"
+        res = run_fedmpi(base + ["--dp-noise-multiplier", str(noise), "--out", str(out)], ranks=3)
+        assert res.returncode == 0, describe(res)
+        run = read_run(str(out))
+        params[name] = run["params"].astype(np.float64)
+    assert run["clients"]["clipped"].sum() == 0 and run["attrs"]["dp_noise_at"] == "clients"
+    want = math.sqrt(K / t) * z * S / K
+    assert run["rounds"]["dp_noise_std"][0] == pytest.approx(want)
+    diff = params["noisy"] - params["clean"]
+    assert diff.std() == pytest.approx(want * lr, rel=0.04)
+    assert abs(diff.mean()) < 4 * want * lr / math.sqrt(diff.size)

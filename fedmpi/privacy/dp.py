@@ -118,6 +118,13 @@ class GaussianDP(Stage):
         self._cfg = cfg
         self._accountant = None  # built on first use: only rank 0 accounts
         self._clip = np.array([cfg.dp_clip], np.float64)  # S: server state
+        # --dp-noise-at clients: each client adds N(0, (z S)^2 / t); a sum of m >= t of them
+        # (secagg unmasks no fewer) carries m/t >= 1 times the accounted variance
+        self.noise_share = 0.0
+        if cfg.dp_noise_at == "clients":
+            from fedmpi.privacy.secagg import round_plan
+            self.noise_share = 1.0 / round_plan("secagg", cfg.clients_per_round,
+                                                cfg.secagg_threshold).threshold
 
     @property
     def accountant(self) -> Accountant:
@@ -132,7 +139,8 @@ class GaussianDP(Stage):
         c = self._cfg
         return {"dp_noise_multiplier": self.z, "dp_update_noise_multiplier": self.z_update,
                 "dp_sampling_rate": c.clients_per_round / c.clients, "dp_delta": self.delta,
-                "dp_accountant": self.accountant_kind, "sampling": c.sampling}
+                "dp_accountant": self.accountant_kind, "sampling": c.sampling,
+                "dp_noise_at": c.dp_noise_at}
 
     @property
     def description(self) -> str:
@@ -140,7 +148,9 @@ class GaussianDP(Stage):
         how = "per layer" if self.segments else "whole update"
         adaptive = (f" (adaptive: quantile {self.quantile:g}, lr {self.clip_lr:g}, count noise "
                     f"{self.count_stddev:g})" if self.quantile is not None else "")
-        return (f"differential privacy: clip {how} to S={c.dp_clip:g}{adaptive}, noise "
+        where = (f", added by the clients (1/{round(1 / self.noise_share)} of the variance each)"
+                 if self.noise_share else "")
+        return (f"differential privacy: clip {how} to S={c.dp_clip:g}{adaptive}{where}, noise "
                 f"multiplier z={self.z:g} (update {self.z_update:.4g}), sum / {self.expected}, "
                 f"{c.sampling} sampling q={c.clients_per_round / c.clients:.4g}, "
                 f"{self.accountant_kind.upper()} accountant at delta={self.delta:g}: "
@@ -150,14 +160,21 @@ class GaussianDP(Stage):
         return {"clip": float(self._clip[0])}
 
     def client(self, update, ctx) -> None:
-        norm, clipped = clip(update, ctx.params[self.name]["clip"], self.segments)
+        bound = ctx.params[self.name]["clip"]
+        norm, clipped = clip(update, bound, self.segments)
+        if self.noise_share:
+            std = self.z_update * bound * math.sqrt(self.noise_share)
+            noise = generator(ctx.seed, "dp-client-noise", ctx.rnd, ctx.client_id)
+            update += (std * noise.standard_normal(update.shape[0])).astype(np.float32)
         ctx.metrics["update_norm"] = norm
         ctx.metrics["clipped"] = float(clipped)
 
     def server(self, mean: np.ndarray, ctx: ServerContext) -> np.ndarray:
         bound = ctx.params[self.name]["clip"]
         std = self.z_update * bound / self.expected
-        if std > 0:
+        if self.noise_share:  # the clients added it: what the sum of those reporting carries
+            std *= math.sqrt(self.noise_share * len(ctx.clients))
+        elif std > 0:
             noise = generator(ctx.seed, "dp-noise", ctx.rnd).standard_normal(mean.shape[0])
             mean = mean + std * noise
         clipped = ctx.client_metrics["clipped"]
