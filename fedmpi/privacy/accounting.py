@@ -90,8 +90,14 @@ class Accountant:
         if self._round is None or self._ahead is not None or first > last:
             return
         self._ahead = range(first, last + 1)
-        threading.Thread(target=self._fill, args=(self._ahead,), daemon=True,
-                         name="fedmpi-accountant").start()
+        self._thread = threading.Thread(target=self._fill, args=(self._ahead,), daemon=True,
+                                        name="fedmpi-accountant")
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the background thread (if any) to end: before the process exits."""
+        if getattr(self, "_thread", None) is not None:
+            self._thread.join()
 
     def _fill(self, rounds: range) -> None:
         for r in rounds:

@@ -198,6 +198,13 @@ class GaussianDP(Stage):
         })
         return mean
 
+    def summary(self, final_params) -> dict:
+        """After the last round (rank 0): the accountant's thread has done its work; let it
+        end before the process does."""
+        if self._accountant is not None:
+            self._accountant.join()
+        return {}
+
     def state(self) -> dict[str, np.ndarray]:
         return {"dp_clip_norm": self._clip}
 

@@ -341,7 +341,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             if ckpt is not None:
                 writer, done, arrays = ResultsWriter.reopen(
                     cfg.out, config=cfg.to_dict(), attrs=attrs, data_fingerprint=fingerprint)
-                params[:] = arrays["params"]
+                update_pipeline.restore(params, arrays, "params", f"the model {model.sizes}")
                 algo.load_server_state(arrays)
                 pipeline.load_state(arrays)
                 first = done + 1
