@@ -5,7 +5,6 @@ Blanchard et al. 2017 (Krum), Wang et al. 2020 (FedNova), Li et al. 2020
 (FedProx's straggler simulation), never taken from the code under test.
 """
 
-import itertools
 import math
 
 import numpy as np

@@ -29,16 +29,8 @@ import argparse
 import importlib
 import pkgutil
 
-from fedmpi.cli import run_tool
-from fedmpi.errors import UserError
+from fedmpi.cli import ArgumentParser, run_tool
 from fedmpi.report._format import PROG
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one line, no usage dump) instead of exiting."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def subcommands() -> list:
@@ -51,7 +43,7 @@ def subcommands() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=(
+    p = ArgumentParser(prog=PROG, description=(
         "Tables, plots and live progress of fedmpi runs. RUN is a results file, a glob "
         "(quoted: 'results/*.h5', 'results/**/*.h5') or a directory (its *.h5)."))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
