@@ -313,6 +313,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     shared = C.NodeShared(comm, model.num_params)
     # how the round's updates reach rank 0 (exact sum, secure sum, each update, encoded)
     transport = T.make(cfg, comm, shared, model.num_params, algo, pipeline, workers)
+    client_states = T.ClientStates(comm, pipeline.stateful, model.num_params)
     # per-client numbers that travel to rank 0 with one Reduce: training, the pipeline's
     # client columns, the transport's (the fixed-point coarse count, encoded bytes)
     # (local_steps, straggler: only when some clients straggle)
@@ -393,11 +394,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
             by_rank = [plan[workers.index(r)] if r in workers else np.zeros(0, np.int64)
                        for r in range(size)]
-            counts = [len(p) for p in by_rank]
-            state_rows = None  # per-client state (error-feedback residuals) of `mine`
-            if pipeline.stateful is not None:  # travels from rank 0 to the trainers and back
-                taken = pipeline.stateful.store.take(np.concatenate(by_rank))[0] if root else None
-                state_rows = C.scatter_rows(comm, taken, counts, model.num_params)
+            state_rows = client_states.fetch(by_rank)  # error-feedback residuals of `mine`
             weights = algo.round_weights(pipeline.weights(
                 np.array([algo.weight(int(sizes[c])) for c in clients.tolist()], np.float64),
                 cfg.clients_per_round), sizes[clients], work)
@@ -436,10 +433,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                                 "finite; lower --lr (or --server-lr)") from None
             got = transport.combine(T.Round(rnd, sampled, clients, by_rank, mine, updates,
                                             payloads, weights, scales, stats, column))
-            if state_rows is not None:
-                back = C.gather_rows(comm, state_rows, counts)
-                if root:
-                    pipeline.stateful.store.put_many(np.concatenate(by_rank), back)
+            client_states.store_back(state_rows, by_rank)
             if not root:
                 stats[-1, :2] = signals.deferred_row()
             all_stats = np.zeros_like(stats) if root else None

@@ -150,6 +150,34 @@ class Encoded(Transport):
         return Combined(combined)
 
 
+class ClientStates:
+    """Per-client state (error-feedback residuals) on its way to the ranks that train.
+
+    The store (fedmpi/state.py) lives on rank 0; each round the rows of the
+    round's clients go to whichever rank trains them (Scatterv) and come back
+    changed (Gatherv), so a client's state follows it across ranks. Without a
+    stage that keeps state, nothing moves and `fetch` gives None.
+    """
+
+    def __init__(self, comm, stage, num_params: int):
+        self.comm, self.stage, self.n = comm, stage, num_params
+
+    def fetch(self, by_rank: list) -> np.ndarray | None:
+        """This rank's clients' rows, in its row order (None without state)."""
+        if self.stage is None:
+            return None
+        ids = np.concatenate(by_rank)
+        taken = self.stage.store.take(ids)[0] if self.comm.rank == 0 else None
+        return C.scatter_rows(self.comm, taken, [len(p) for p in by_rank], self.n)
+
+    def store_back(self, rows: np.ndarray | None, by_rank: list) -> None:
+        if rows is None:
+            return
+        back = C.gather_rows(self.comm, rows, [len(p) for p in by_rank])
+        if self.comm.rank == 0:
+            self.stage.store.put_many(np.concatenate(by_rank), back)
+
+
 def make(cfg, comm, shared: C.NodeShared, num_params: int, algo, pipeline,
          workers: list[int]) -> Transport:
     """The transport the configuration asks for (every rank builds the same one)."""
