@@ -25,7 +25,7 @@ else:  # pragma: no cover
 
 DATASETS = ("synthetic", "fashion-mnist", "mnist", "npz:PATH", "h5:PATH")
 PARTITIONS = ("auto", "natural", "iid", "shards", "dirichlet", "dirichlet_clients")
-ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "fednova")
+ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "fednova", "scaffold")
 SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 CLIENT_SAMPLINGS = ("uniform", "proportional")
@@ -521,6 +521,18 @@ def _validate_algos(cfg: Config, need) -> None:
              f"--aggregator mean, not {cfg.aggregator}")
         need(cfg.dp_clip is None, "--algorithm fednova rescales the sum by data-dependent "
              "step counts, which the DP sensitivity bound does not cover: drop --dp-clip")
+    if cfg.algorithm == "scaffold":
+        need(cfg.optimizer == "sgd" and cfg.momentum == 0.0,
+             "--algorithm scaffold's control variates (option II) are the mean corrected "
+             "gradient of plain SGD steps: use --optimizer sgd without --momentum")
+        need(cfg.aggregator == "mean", f"--algorithm scaffold averages updates and control "
+             f"variates: use --aggregator mean, not {cfg.aggregator}")
+        need(cfg.dp_clip is None and cfg.secure_aggregation == "none",
+             "--algorithm scaffold sends a control-variate update beside the model update; "
+             "it needs its own privacy treatment (clipping and noise, masking), which fedmpi "
+             "does not provide: drop --dp-clip and --secure-aggregation")
+        need(cfg.compress == "none", "--algorithm scaffold sends control variates that "
+             "--compress does not encode: drop --compress")
     need(cfg.attackers == 0 or cfg.attack != "none",
          "--attackers F needs --attack signflip, gaussian or labelflip")
     if cfg.attack != "none":

@@ -335,6 +335,24 @@ def test_prox_and_correction_match_numpy(opt):
     assert_params_close(model, got, want, rtol=1e-3 if opt == K.OPT_ADAM else 2e-4)
 
 
+@pytest.mark.parametrize("batch", [4, K.TILE + 3])  # fused plain-SGD path, and not
+def test_correction_alone_matches_numpy(batch):
+    """SCAFFOLD's steps w -= lr (g(w) + correction) on plain SGD."""
+    rng = np.random.default_rng(42)
+    model, p = make_model(SIZES, 4)
+    x, xscale, y = make_data(rng, 2 * K.TILE, SIZES[0], SIZES[-1], np.uint8)
+    order = _order(rng, 2 * K.TILE, 2)
+    correction = rng.normal(0, 0.05, p.size).astype(np.float32)
+    got, loss, _, steps = run_train(model, p, x, xscale, y, order, 2, batch, K.LOSS_CE,
+                                    K.OPT_SGD, 0.02, correction=correction)
+    want, want_loss, want_steps = ref_train(model, p, x, xscale, y, order, 2, batch, K.LOSS_CE,
+                                            K.OPT_SGD, 0.02,
+                                            correction=correction.astype(np.float64))
+    assert steps == want_steps
+    assert loss == pytest.approx(want_loss, rel=1e-4)
+    assert_params_close(model, got, want)
+
+
 def test_prox_without_anchor_and_zero_mu_are_ignored():
     rng = np.random.default_rng(41)
     model, p = make_model(SIZES, 4)

@@ -33,6 +33,11 @@ class ClientResult:
 
 
 class FedAvg:
+    # per-client state the algorithm keeps across rounds (a ClientStateStore `store`
+    # on rank 0, e.g. SCAFFOLD's control variates), named; None: no state
+    client_state: str | None = None
+    description = ""  # a line for the run's log
+
     """Clients run E local epochs; the server steps along the sample-weighted mean delta.
 
     With the default server optimizer: w <- w + server_lr * sum_k (n_k / n) (w_k - w),
@@ -49,6 +54,14 @@ class FedAvg:
             momentum=cfg.server_momentum, beta1=cfg.server_beta1, beta2=cfg.server_beta2,
             tau=cfg.server_tau)
         self._scratch = None
+        # float32 values each client sends: the vector summed (wire_size, maybe padded)
+        # and the values in it (values_sent); both P unless clients send more (Scaffold)
+        self.wire_size = self.values_sent = model.num_params
+
+    @property
+    def downlink(self) -> list[np.ndarray]:
+        """Server state every client needs besides the model, sent down each round."""
+        return []
 
     @property
     def _local(self) -> np.ndarray:
@@ -61,9 +74,11 @@ class FedAvg:
         return self._scratch
 
     def client_update(self, trainer: LocalTrainer, global_params: np.ndarray,
-                      indices: np.ndarray, rng: np.random.Generator, **work) -> ClientResult:
+                      indices: np.ndarray, rng: np.random.Generator, state=None,
+                      **work) -> ClientResult:
         """`work`: this client's overrides of local training (LocalTrainer.train's
-        epochs, steps, flip_labels), e.g. for a straggler or an attacker."""
+        epochs, steps, flip_labels), e.g. for a straggler or an attacker; `state`:
+        the client's row of the algorithm's per-client state (unused here)."""
         local = self._local
         local[:] = global_params
         loss, seen, steps = trainer.train(local, indices, rng, **work,
@@ -115,6 +130,12 @@ class FedAvg:
         for name, a in self.server_opt.state.items():
             restore(a, arrays, name, f"server optimizer {self.server_opt.kind}")
 
-    def server_step(self, global_params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
-        """New global params (float32) from the float64 weighted mean update."""
+    def split(self, combined: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The combined wire vector as (the model's update, the rest or None)."""
+        return combined, None
+
+    def server_step(self, global_params: np.ndarray, mean_update: np.ndarray,
+                    side: np.ndarray | None = None) -> np.ndarray:
+        """New global params (float32) from the float64 weighted mean update; `side`:
+        the combined values clients sent beyond the model's (wire_size > P)."""
         return self.server_opt.step(global_params, mean_update)

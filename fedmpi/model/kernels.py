@@ -565,9 +565,11 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
     if batch <= 0 or batch > n:
         batch = n
     ncls = sizes[sizes.shape[0] - 1]
+    # plain SGD steps straight from the backward pass into params (no gradient buffer);
+    # a control-variate correction (SCAFFOLD) is then one more pass: w -= lr * correction
     fused = (opt == OPT_SGD and momentum == 0.0 and weight_decay == 0.0
-             and (prox_mu == 0.0 or anchor.shape[0] == 0)
-             and correction.shape[0] == 0 and batch <= TILE)
+             and (prox_mu == 0.0 or anchor.shape[0] == 0) and batch <= TILE)
+    corrected = correction.shape[0] == params.shape[0]
     state[:] = 0.0
     loss = 0.0
     steps = 0
@@ -581,6 +583,9 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
                 loss += l
                 _backward(params, sizes, woff, boff, nb, ws, params,
                           np.float32(-lr / nb))
+                if corrected:
+                    for i in range(params.shape[0]):
+                        params[i] -= lr * correction[i]
             else:
                 loss += gradient(params, sizes, woff, boff, x, xscale, y, rows,
                                  loss_kind, grad, ws)

@@ -370,14 +370,15 @@ class NodeShared:
                 out[:] = self.total
 
     def bcast_from_root(self, buf: np.ndarray) -> None:
-        """buf on every rank = buf of global rank 0 (float32, length n)."""
+        """buf on every rank = buf of global rank 0 (float32, length at most n)."""
+        model = self.model[:buf.size]
         if self.leaders != MPI.COMM_NULL:
             if self.leaders.size > 1:
                 wait(self.leaders.Ibcast(buf, root=0), SHORT)
-            self.model[:] = buf
+            model[:] = buf
         self._fence()
         if self.node.rank != 0:
-            buf[:] = self.model
+            buf[:] = model
         # no rank may overwrite the window (next round) before all have read it:
         # the next round's first write to it comes after sum_to_root's fence
 

@@ -309,11 +309,14 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     trainer = _trainer(cfg, model, data) if rank in workers else None
     C.barrier(comm)  # rank 0 sleeps while the others load numba (MPI_Win_allocate would spin)
     evaluate = _Evaluator(comm, trainer, data.x_test.shape[0], workers)
-    nbytes = model.num_params * 4  # one float32 model or update
-    shared = C.NodeShared(comm, model.num_params)
+    P, wire = model.num_params, algo.wire_size  # a client sends `wire` >= P values
+    up_bytes = 4 * algo.values_sent  # one client's uncompressed upload
+    side_down = 4 * sum(a.size for a in algo.downlink)  # sent down besides the model
+    shared = C.NodeShared(comm, wire)
     # how the round's updates reach rank 0 (exact sum, secure sum, each update, encoded)
-    transport = T.make(cfg, comm, shared, model.num_params, algo, pipeline, workers)
-    client_states = T.ClientStates(comm, pipeline.stateful, model.num_params)
+    transport = T.make(cfg, comm, shared, wire, algo, pipeline, workers)
+    # per-client state (error-feedback residuals, control variates) follows its client
+    client_states = T.ClientStates(comm, algo, pipeline, P)
     # per-client numbers that travel to rank 0 with one Reduce: training, the pipeline's
     # client columns, the transport's (the fixed-point coarse count, encoded bytes)
     # (local_steps, straggler: only when some clients straggle)
@@ -328,7 +331,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     if root:
         _print_config(cfg, data, model, size, where)
         from fedmpi.results import ResultsWriter  # h5py: only the rank that writes imports it
-        for line in pipeline.describe():
+        for line in filter(None, [algo.description, *pipeline.describe()]):
             print(line, flush=True)
         if (line := transport.describe(cfg.clients_per_round)) is not None:
             print(line, flush=True)
@@ -359,7 +362,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
     timings.mark("HDF5 create")
     first = comm.bcast(first, root=0)
     if first > 1:
-        C.bcast(comm, params)  # the checkpoint's model, read by rank 0
+        for a in (params, *algo.downlink):  # the checkpoint's model and server state
+            C.bcast(comm, a)
     t_warm = time.perf_counter()
     _warm_up(comm, algo, trainer, params, part.indices(0), pipeline)
     if root and time.perf_counter() - t_warm > 2.0:
@@ -394,27 +398,29 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             mine = plan[workers.index(rank)] if rank in workers else np.zeros(0, np.int64)
             by_rank = [plan[workers.index(r)] if r in workers else np.zeros(0, np.int64)
                        for r in range(size)]
-            state_rows = client_states.fetch(by_rank)  # error-feedback residuals of `mine`
+            state_rows = client_states.fetch(by_rank)  # `mine`'s residuals or control variates
             weights = algo.round_weights(pipeline.weights(
                 np.array([algo.weight(int(sizes[c])) for c in clients.tolist()], np.float64),
                 cfg.clients_per_round), sizes[clients], work)
 
             # 2. local training and the client side of the pipeline
-            updates = np.empty((len(mine), model.num_params), np.float32)
+            updates = np.empty((len(mine), wire), np.float32)
             # per client of the round (rows in `clients` order), columns `stat_cols`;
             # zero rows for clients of other ranks, so a sum collects them exactly
             # last row: (count, sum) of signals workers noted, to stop at rank 0's safe point
             stats = np.zeros((len(clients) + 1, len(stat_cols)), np.float64)
-            bounds = np.zeros(aggregate.num_blocks(model.num_params))
+            bounds = np.zeros(aggregate.num_blocks(wire))
             payloads = []  # encoded updates of `mine`, when a stage encodes
             for i, c in enumerate(mine.tolist()):
                 tc = time.perf_counter()
                 row = np.searchsorted(clients, c)
+                algo_row, stage_row = client_states.rows(state_rows, i)
                 res = algo.client_update(trainer, params, part.indices(c),
-                                         generator(cfg.seed, "shuffle", rnd, c), **work[row])
+                                         generator(cfg.seed, "shuffle", rnd, c),
+                                         state=algo_row, **work[row])
                 updates[i] = res.update
-                ctx = pipeline.client(updates[i], rnd, c, cfg.seed, rparams,
-                                      None if state_rows is None else state_rows[i])
+                # the stages transform the model update (the first P values)
+                ctx = pipeline.client(updates[i, :P], rnd, c, cfg.seed, rparams, stage_row)
                 aggregate.block_max_abs(updates[i], bounds)  # also catches a diverged client
                 stats[row, :2] = res.loss_sum / max(res.samples_seen, 1), time.perf_counter() - tc
                 if work_cols:
@@ -427,7 +433,10 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
             # 3. transport to rank 0 (fedmpi/runtime/transport.py)
             C.allreduce_max(comm, bounds)
             try:
-                scales = aggregate.scales_for(bounds, float(np.abs(weights).sum()))
+                # weights per client, or per client and block (SCAFFOLD): the largest
+                # block total bounds every block's sum
+                scales = aggregate.scales_for(bounds, float(np.abs(weights).sum(axis=0).max(
+                    initial=0.0)))
             except FloatingPointError:
                 raise UserError(f"training diverged in round {rnd}: a client's update is not "
                                 "finite; lower --lr (or --server-lr)") from None
@@ -441,15 +450,18 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
 
             # 4. the server side of the pipeline, the server step and the broadcast
             if root:
+                combined, side = algo.split(got.update)  # the model's part, what else clients sent
                 update, stage_metrics = pipeline.server(
-                    got.update, rnd, clients,
+                    combined, rnd, clients,
                     {k: all_stats[:-1, column[k]] for k in pipeline.client_columns},
                     cfg.clients_per_round, cfg.seed, rparams)
                 old = params.copy()
                 if not got.skip_step:
-                    params = algo.server_step(params, update)
+                    params = algo.server_step(params, update, side)
                 down_bytes = pipeline.downlink(old, params, rnd)  # pruning, compression
             shared.bcast_from_root(params)
+            for a in algo.downlink:  # e.g. SCAFFOLD's control variate
+                C.bcast(comm, a)
 
             # 5. evaluation and results
             test_acc = test_loss = float("nan")
@@ -467,7 +479,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                               if n_round else float("nan"))
                 coarse = int(all_stats[:-1, column["coarse"]].sum()) if "coarse" in column else 0
                 bytes_up = (int(all_stats[:-1, column["bytes_up"]].sum()) if "bytes_up" in column
-                            else len(clients) * nbytes)
+                            else len(clients) * up_bytes)
                 if coarse and not warned_coarse:
                     warned_coarse = True
                     print(f"fedmpi: warning: round {rnd}: {coarse} update coordinates kept fewer "
@@ -484,7 +496,7 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                         "round": rnd, "test_accuracy": test_acc, "test_loss": test_loss,
                         "train_loss": train_loss, "num_clients": len(clients),
                         "num_sampled": len(sampled), "num_samples": n_round, "seconds": seconds,
-                        "bytes_up": bytes_up, "bytes_down": len(sampled) * down_bytes,
+                        "bytes_up": bytes_up, "bytes_down": len(sampled) * (down_bytes + side_down),
                         "fixed_point_coarse": coarse, **stage_metrics, **got.metrics,
                     })
                     writer.append_clients(cols)

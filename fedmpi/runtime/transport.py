@@ -151,7 +151,8 @@ class Encoded(Transport):
 
 
 class ClientStates:
-    """Per-client state (error-feedback residuals) on its way to the ranks that train.
+    """Per-client state (error-feedback residuals, control variates) on its way to the
+    ranks that train.
 
     The store (fedmpi/state.py) lives on rank 0; each round the rows of the
     round's clients go to whichever rank trains them (Scatterv) and come back
@@ -159,8 +160,18 @@ class ClientStates:
     stage that keeps state, nothing moves and `fetch` gives None.
     """
 
-    def __init__(self, comm, stage, num_params: int):
-        self.comm, self.stage, self.n = comm, stage, num_params
+    def __init__(self, comm, algo, pipeline, num_params: int):
+        # the owner: the algorithm (SCAFFOLD's control variates) or a pipeline stage
+        # (error feedback); the configuration never asks for both
+        self.comm, self.n = comm, num_params
+        self.for_algo = algo.client_state is not None
+        self.stage = algo if self.for_algo else pipeline.stateful
+
+    def rows(self, rows: np.ndarray | None, i: int) -> tuple:
+        """(the algorithm's row, the pipeline's row) of this rank's i-th client (None: not its)."""
+        if rows is None:
+            return None, None
+        return (rows[i], None) if self.for_algo else (None, rows[i])
 
     def fetch(self, by_rank: list) -> np.ndarray | None:
         """This rank's clients' rows, in its row order (None without state)."""
