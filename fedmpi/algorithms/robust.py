@@ -38,18 +38,25 @@ def trimmed_mean(updates: np.ndarray, trim: float) -> np.ndarray:
     return ordered[cut:k - cut].mean(axis=0)
 
 
+_KRUM_BLOCK = 8192  # coordinates per pass of krum_scores
+
+
 def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
     """Krum score of each of the (n, P) updates: sum of squared L2 distances to
     its n - f - 2 nearest other updates (float64)."""
     n = updates.shape[0]
     if n <= 2 * f + 2:
         raise ValueError(f"Krum with f = {f} needs more than {2 * f + 2} updates, got {n}")
-    u = updates.astype(np.float64)
-    # squared distances via differences, not |a|^2 + |b|^2 - 2ab: no cancellation
-    d2 = np.empty((n, n))
-    for i in range(n):
-        diff = u - u[i]
-        d2[i] = np.einsum("ij,ij->i", diff, diff)
+    # squared distances via differences, not |a|^2 + |b|^2 - 2ab: no cancellation;
+    # over blocks of coordinates, so the float64 temporaries are n x BLOCK, not n x P
+    # (100 updates of the 2NN would need 160 MB per copy); each pair once
+    d2 = np.zeros((n, n))
+    for lo in range(0, updates.shape[1], _KRUM_BLOCK):
+        u = updates[:, lo:lo + _KRUM_BLOCK].astype(np.float64)
+        for i in range(n - 1):
+            diff = u[i + 1:] - u[i]
+            d2[i, i + 1:] += np.einsum("ij,ij->i", diff, diff)
+    d2 += d2.T
     d2[np.arange(n), np.arange(n)] = np.inf  # a vector is not its own neighbour
     nearest = np.sort(d2, axis=1)[:, :n - f - 2]
     return nearest.sum(axis=1)
