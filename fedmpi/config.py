@@ -219,12 +219,13 @@ class Config:
     momentum: float = field(default=0.0, metadata=_opt("SGD momentum (0 = plain SGD)"))
     weight_decay: float = field(default=0.0, metadata=_opt("L2 weight decay added to the gradient"))
     augment: str = field(default="none", metadata=_opt(
-        "image augmentation in local training: shift = every visited sample moved by its own "
-        "random (dy, dx) in -2..2 pixels, zero fill at the border (drawn per seed, round and "
-        "client; image data only)", AUGMENTS))
+        "image augmentation in local training: none, or shift (every sample, each time it is "
+        "visited, moved by its own random (dy, dx) in -2..2 pixels, zero fill at the border; "
+        "drawn per seed, round and client; image data only)", AUGMENTS))
     augment_noise: float = field(default=0.0, metadata=_opt(
-        "standard deviation of Gaussian noise added to every input of every visited sample, "
-        "in units of the scaled input (pixels in [0, 1]); 0 = off; image data only"))
+        "standard deviation of Gaussian noise added to every input of every visited sample "
+        "(after any shift), in units of the scaled input (pixels in [0, 1]); 0 = off; image "
+        "data only"))
     # model
     hidden: tuple[int, ...] = field(default=(128, 64), metadata=_opt(
         "hidden layer widths, comma separated ('200,200' is the FedAvg paper's 2NN; "
