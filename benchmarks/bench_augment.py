@@ -1,6 +1,6 @@
 """What --augment costs in local training: kernels.train_local with and without it.
 
-    cd benchmarks && PYTHONPATH=.. python bench_augment.py [--samples 6000] [--repeats 5]
+    PYTHONPATH=. python benchmarks/bench_augment.py [--samples 6000] [--repeats 5]
 
 784-200-200-10 MLP, plain SGD, one epoch over --samples Fashion-MNIST images
 (random images if it is not installed), one thread, CPU seconds, timed

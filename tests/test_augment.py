@@ -184,6 +184,32 @@ def test_shifts_cover_minus_2_to_2_uniformly():
     assert counts.min() > 850 and counts.max() < 1150  # 1000 each, +-4.7 sigma
 
 
+# ---- which data are images -------------------------------------------------------------
+
+
+def test_loaders_report_the_image_shape(tmp_path):
+    from test_data import write_idx_set
+    from test_tff import emnist_like, pair
+
+    from fedmpi.data import load_dataset
+
+    def load(name, data_dir=None):
+        return load_dataset(name, data_dir=data_dir, seed=0, num_clients=3)
+
+    write_idx_set(tmp_path / "idx", gz=False, rows=4, cols=3)
+    d = load("mnist", str(tmp_path / "idx"))
+    assert d.image_shape == (4, 3, 1) and d.x_train.shape[1] == 12
+    assert load(pair(tmp_path, emnist_like(0), emnist_like(1))).image_shape == (28, 28, 1)
+    rng = np.random.default_rng(0)
+    for shape, want in (((5, 4), (5, 4, 1)), ((5, 4, 3), (5, 4, 3)), ((20,), None)):
+        path = tmp_path / f"{len(shape)}.npz"
+        np.savez(path, x_train=rng.integers(0, 255, (8, *shape), dtype=np.uint8),
+                 y_train=np.arange(8) % 2,
+                 x_test=rng.integers(0, 255, (4, *shape), dtype=np.uint8), y_test=np.arange(4) % 2)
+        assert load(f"npz:{path}").image_shape == want
+    assert load("synthetic").image_shape is None
+
+
 # ---- settings and runs ---------------------------------------------------------------
 
 

@@ -259,7 +259,8 @@ def load_idx(name: str, data_dir: str | None):
     split = {}
     for part in ("train", "test"):
         images = read_images(paths[(part, "images")])
-        x = images.reshape(len(images), -1)  # a view: one row of pixels per sample
+        n, rows, cols = images.shape
+        x = images.reshape(n, rows * cols)  # a view: one row of pixels per sample
         y = read_labels(paths[(part, "labels")])
         if len(x) != len(y):
             raise UserError(
