@@ -86,7 +86,7 @@ def test_augmented_training_equals_training_on_shifted_copies(shape, n, batch, e
     for m, (i, (dy, dx)) in enumerate(zip(order, shifts.astype(int))):
         pix = shift_image(x[i].reshape(h, w, c), dy, dx).reshape(-1).astype(np.float32) * xscale
         if sigma:
-            pix = pix + np.float32(sigma) * noise.standard_normal(h * w * c, dtype=np.float32)
+            pix = pix + (sigma * noise.standard_normal(h * w * c)).astype(np.float32)
         x_ref[m] = pix
     want, out_ref = _kernel_run(model, x_ref, 1.0, y[order], np.arange(order.size), settings,
                                 None, params)
@@ -136,7 +136,7 @@ def test_one_augmented_step_against_numpy(sigma):
     a0 = np.stack([shift_image(ds.x_train[i].reshape(4, 4, 1), dy, dx).reshape(-1)
                    for i, (dy, dx) in zip(order, shifts)]).astype(np.float64) / 255
     if sigma:
-        a0 += np.stack([sigma * aug.standard_normal(16, dtype=np.float32) for _ in range(4)])
+        a0 += np.stack([sigma * aug.standard_normal(16) for _ in range(4)])
     t = ds.y_train[order]
     W1 = w0[:80].reshape(16, 5).astype(np.float64)
     b1 = w0[80:85].astype(np.float64)
