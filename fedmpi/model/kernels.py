@@ -88,6 +88,7 @@ def train_settings(epochs, batch, loss=LOSS_CE, opt=OPT_SGD, lr=0.01, momentum=0
                          float(momentum), float(weight_decay), float(beta1), float(beta2),
                          float(eps), float(prox_mu))
 
+
 class Augment(NamedTuple):
     """Image augmentation of one `train_local` call (pass None for none).
 
@@ -306,9 +307,9 @@ def _gather_augmented(acts, x, xscale, rows, aug, pos):
     run of columns copied from source row i-dy, zeros on either side. The
     copies index views from 0 (a loop index numba cannot prove non-negative
     gets a wrap-around check that stops vectorisation: 4x slower here).
-    Each value is float32(x * xscale) as without
-    augmentation, then + float32(noise * z) with z a float64 N(0, 1) draw
-    (numba draws float64 normals twice as fast as float32 ones).
+    Each value is float32(x * xscale) as without augmentation, then
+    + float32(noise * z) with z a float64 N(0, 1) draw (numba draws float64
+    normals twice as fast as float32 ones).
     """
     h, w, c = aug.height, aug.width, aug.channels
     rw = w * c
