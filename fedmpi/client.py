@@ -13,8 +13,10 @@ from fedmpi.config import Config
 from fedmpi.data import Dataset
 from fedmpi.model import kernels
 from fedmpi.model.mlp import MLP
+from fedmpi.rng import generator
 
 _EMPTY = np.zeros(0, np.float32)
+MAX_SHIFT = 2  # --augment shift: pixels a sample moves at most along each axis
 
 
 class LocalTrainer:
@@ -43,16 +45,36 @@ class LocalTrainer:
             self._flipped = (self.data.num_classes - 1 - y).astype(y.dtype)
         return self._flipped
 
+    def augmentation(self, rnd: int, client: int) -> dict:
+        """`train`'s keyword for a client's augmentation draws in round `rnd`
+        (the (seed, "augment", rnd, client) generator); {} without --augment."""
+        if not self.cfg.augments:
+            return {}
+        return {"augment_rng": generator(self.cfg.seed, "augment", rnd, client)}
+
+    def _augment(self, rng: np.random.Generator, visits: int) -> kernels.Augment:
+        """The kernels' augmentation of `visits` visited samples: the shifts
+        (int8, 2 bytes a visit: the shard is not copied) are drawn here, first;
+        the noise, from the same generator, by the kernel as it reads each sample."""
+        if self.cfg.augment == "shift":
+            shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(visits, 2), dtype=np.int8)
+        else:
+            shifts = np.zeros((visits, 2), np.int8)
+        h, w, c = self.data.image_shape
+        return kernels.Augment(shifts, h, w, c, float(self.cfg.augment_noise), rng)
+
     def train(self, params: np.ndarray, indices: np.ndarray, rng: np.random.Generator,
               prox_mu: float = 0.0, anchor: np.ndarray = _EMPTY,
               correction: np.ndarray = _EMPTY, epochs: int | None = None,
-              steps: int | None = None, flip_labels: bool = False) -> tuple[float, int, int]:
+              steps: int | None = None, flip_labels: bool = False,
+              augment_rng: np.random.Generator | None = None) -> tuple[float, int, int]:
         """Local epochs in place on `params`; returns (loss sum, samples seen, steps).
 
         Each epoch visits the client's samples in a fresh random order drawn
         from `rng` (the client's own generator for this round). `epochs`
         overrides --local-epochs (a straggler's); `steps` cuts a single epoch
-        to its first `steps` minibatches.
+        to its first `steps` minibatches. `augment_rng` (see `augmentation`)
+        draws --augment's shifts and noise for every visited sample.
         """
         cfg = self.cfg
         epochs = cfg.local_epochs if epochs is None else epochs
@@ -64,10 +86,11 @@ class LocalTrainer:
         settings = kernels.train_settings(
             epochs, cfg.batch_size, self._loss, self._opt, cfg.lr, cfg.momentum,
             cfg.weight_decay, prox_mu=prox_mu)
+        aug = None if augment_rng is None else self._augment(augment_rng, order.shape[0])
         loss, seen, steps = kernels.train_local(
             params, self._sizes, self._woff, self._boff, self.data.x_train, self._xscale,
             self.labels(flip_labels), order, settings, anchor, correction, self._grad,
-            self._state, self._ws)
+            self._state, self._ws, aug)
         return float(loss), int(seen), int(steps)
 
     def gradient(self, params: np.ndarray, indices: np.ndarray,

@@ -41,6 +41,7 @@ INITS = ("glorot_uniform", "he_uniform")
 COMPRESSORS = ("none", "topk", "randk", "qsgd", "sign", "fp16")
 DOWN_COMPRESSORS = ("none", "fp16", "qsgd")
 QSGD_CODINGS = ("elias", "fixed")
+AUGMENTS = ("none", "shift")
 
 
 def _opt(help_, choices=None, flag=None):
@@ -217,6 +218,14 @@ class Config:
     optimizer: str = field(default="sgd", metadata=_opt("client optimizer", OPTIMIZERS))
     momentum: float = field(default=0.0, metadata=_opt("SGD momentum (0 = plain SGD)"))
     weight_decay: float = field(default=0.0, metadata=_opt("L2 weight decay added to the gradient"))
+    augment: str = field(default="none", metadata=_opt(
+        "image augmentation in local training: none, or shift (every sample, each time it is "
+        "visited, moved by its own random (dy, dx) in -2..2 pixels, zero fill at the border; "
+        "drawn per seed, round and client; image data only)", AUGMENTS))
+    augment_noise: float = field(default=0.0, metadata=_opt(
+        "standard deviation of Gaussian noise added to every input of every visited sample "
+        "(after any shift), in units of the scaled input (pixels in [0, 1]); 0 = off; image "
+        "data only"))
     # model
     hidden: tuple[int, ...] = field(default=(128, 64), metadata=_opt(
         "hidden layer widths, comma separated ('200,200' is the FedAvg paper's 2NN; "
@@ -261,6 +270,11 @@ class Config:
         default = Config().to_dict()
         return sorted(k for k in mine if k not in RESUMABLE
                       and other.get(k, default[k]) != mine[k])
+
+    @property
+    def augments(self) -> bool:
+        """Whether local training augments its images (--augment, --augment-noise)."""
+        return self.augment != "none" or self.augment_noise > 0
 
     def resolved_partition(self) -> str:
         if self.partition != "auto":
@@ -422,10 +436,11 @@ def validate(cfg: Config) -> Config:
     for name in ("partition", "algorithm", "optimizer", "loss", "init", "server_optimizer",
                  "aggregator", "client_sampling", "client_weighting", "sampling",
                  "dp_accountant", "compress", "compress_down", "qsgd_coding", "attack",
-                 "dp_noise_at"):
+                 "dp_noise_at", "augment"):
         choices = FIELDS[name].metadata["choices"]
         value = getattr(cfg, name)
         need(value in choices, f"--{name.replace('_', '-')} {value!r} is unknown: choose one of {', '.join(choices)}")
+    _validate_augment(cfg, need)
     need(cfg.secure_aggregation == "none" or cfg.compress == "none",
          f"--secure-aggregation {cfg.secure_aggregation} with --compress {cfg.compress}: "
          "masks and ciphertexts add only the exact-sum encoding of each update, while "
@@ -540,6 +555,21 @@ def _validate_algos(cfg: Config, need) -> None:
              f"the fraction of malicious clients (got {cfg.attackers})")
         need(math.isfinite(cfg.attack_scale) and cfg.attack_scale > 0,
              f"--attack-scale must be positive (got {cfg.attack_scale})")
+
+
+def _validate_augment(cfg: Config, need) -> None:
+    """--augment and --augment-noise (npz and h5 data are checked for images when read)."""
+    need(math.isfinite(cfg.augment_noise) and cfg.augment_noise >= 0,
+         f"--augment-noise must be a standard deviation >= 0 (got {cfg.augment_noise})")
+    if not cfg.augments:
+        return
+    flag = "--augment" if cfg.augment != "none" else "--augment-noise"
+    need(cfg.dataset != "synthetic", f"{flag} augments images, but --dataset synthetic is "
+         "a vector of features with no pixel grid; use it with fashion-mnist, mnist or image "
+         "data from npz:/h5: files, or drop it")
+    need(cfg.algorithm != "fedsgd", f"{flag} augments the samples of local training steps; "
+         "--algorithm fedsgd sends one gradient of the client's own samples: use fedavg "
+         "(or drop it)")
 
 
 def warnings(cfg: Config) -> list[str]:

@@ -27,6 +27,7 @@ PURPOSES = {
     "attackers": 10,  # which clients are malicious (one draw per run)
     "attack-noise": 11,  # a gaussian attacker's fake update
     "dp-client-noise": 12,  # a client's share of the DP noise (--dp-noise-at clients)
+    "augment": 13,  # a client's per-sample image shifts and input noise (--augment)
     # secure aggregation: codes 20-29 (kept apart from other features' codes)
     "secagg-keys": 20,  # a client's key pairs, self-mask seed and Shamir coefficients
     "secagg-graph": 21,  # the SecAgg+ neighbour graph of a round

@@ -39,10 +39,34 @@ class Dataset:
     natural_sizes: np.ndarray | None = None
     # bytes ids of those clients where they have names (h5 data: the file's users)
     client_ids: np.ndarray | None = None
+    # (height, width, channels) of image data, whose rows are such arrays
+    # flattened row-major (what --augment shifts); None when the features
+    # have no known pixel grid (synthetic, flat npz arrays)
+    image_shape: tuple[int, int, int] | None = None
 
     @property
     def num_features(self) -> int:
         return self.x_train.shape[1]
+
+
+def image_shape(sample_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(height, width, channels) of samples stored with shape (h, w) or (h, w, c);
+    None for any other shape (flat feature vectors have no pixel grid)."""
+    if len(sample_shape) == 2:
+        return (int(sample_shape[0]), int(sample_shape[1]), 1)
+    if len(sample_shape) == 3:
+        return tuple(int(v) for v in sample_shape)
+    return None
+
+
+def require_images(data: Dataset, option: str) -> None:
+    """UserError unless `data` are images: `option` needs their pixel grid."""
+    if data.image_shape is None:
+        raise UserError(
+            f"{option} augments images, but data set {data.name} has no image shape (its "
+            f"{data.num_features} features are a flat vector); use it with fashion-mnist, "
+            "mnist, h5 image data, or an npz file whose x arrays are (n, height, width[, "
+            "channels]), or drop it")
 
 
 def fingerprint(data: Dataset, order: np.ndarray, offsets: np.ndarray) -> dict[str, str]:

@@ -231,12 +231,12 @@ def _parse(path: str, magic: int, what: str) -> tuple[tuple[int, ...], np.ndarra
 
 
 def read_images(path: str) -> np.ndarray:
-    """(n, rows*cols) uint8 pixels of an IDX image file."""
+    """(n, rows, cols) uint8 pixels of an IDX image file."""
     dims, flat = _parse(path, IMAGES_MAGIC, "images")
     n, rows, cols = dims
     # MPI receive/broadcast buffers must be writable: a view of a bytearray
     # is; one of an immutable bytes object (a fresh gunzip) needs a copy.
-    images = flat.reshape(n, rows * cols)
+    images = flat.reshape(n, rows, cols)
     return images if images.flags.writeable else images.copy()
 
 
@@ -253,12 +253,14 @@ def read_labels(path: str) -> np.ndarray:
 
 def load_idx(name: str, data_dir: str | None):
     """Load MNIST or Fashion-MNIST (`name`) as a `fedmpi.data.Dataset`."""
-    from fedmpi.data import Dataset  # late import: the package imports this module
+    from fedmpi.data import Dataset, image_shape  # late import: the package imports this module
 
     paths = find_files(name, data_dir)
     split = {}
     for part in ("train", "test"):
-        x = read_images(paths[(part, "images")])
+        images = read_images(paths[(part, "images")])
+        n, rows, cols = images.shape
+        x = images.reshape(n, rows * cols)  # a view: one row of pixels per sample
         y = read_labels(paths[(part, "labels")])
         if len(x) != len(y):
             raise UserError(
@@ -268,13 +270,13 @@ def load_idx(name: str, data_dir: str | None):
             )
         if len(x) == 0:
             raise UserError(f"{paths[(part, 'images')]} holds no images; re-download it")
-        split[part] = (x, y)
-    x_train, y_train = split["train"]
-    x_test, y_test = split["test"]
-    if x_train.shape[1] != x_test.shape[1]:
+        split[part] = (x, y, images.shape[1:])
+    x_train, y_train, shape = split["train"]
+    x_test, y_test, test_shape = split["test"]
+    if shape != test_shape:
         raise UserError(
-            f"training images have {x_train.shape[1]} pixels but test images have "
-            f"{x_test.shape[1]}; {paths[('train', 'images')]} and "
+            f"training images are {'x'.join(map(str, shape))} pixels but test images are "
+            f"{'x'.join(map(str, test_shape))}; {paths[('train', 'images')]} and "
             f"{paths[('test', 'images')]} are from different data sets"
         )
     return Dataset(
@@ -285,4 +287,5 @@ def load_idx(name: str, data_dir: str | None):
         y_test=y_test,
         num_classes=NUM_CLASSES,
         x_scale=1.0 / 255.0,
+        image_shape=image_shape(shape),
     )

@@ -1,7 +1,9 @@
 """Loader for user-supplied data sets stored as a NumPy ``.npz`` archive.
 
 The archive must hold ``x_train``, ``y_train``, ``x_test`` and ``y_test``.
-Features of any shape ``(n, ...)`` are flattened to ``(n, d)``.  ``uint8``
+Features of any shape ``(n, ...)`` are flattened to ``(n, d)``; features
+of shape ``(n, h, w)`` or ``(n, h, w, c)`` are taken to be images (their
+shape is kept as the data set's ``image_shape``, which ``--augment`` needs).  ``uint8``
 features are taken to be pixels and kept as bytes (scaled by 1/255 when
 used), which keeps image data sets four times smaller in memory and in MPI
 messages; any other integer or float dtype becomes float32 used as is.
@@ -82,9 +84,12 @@ def _labels(path: str, key: str, y: np.ndarray) -> np.ndarray:
 
 def load_npz(path: str):
     """Load the ``.npz`` data set at `path` as a `fedmpi.data.Dataset`."""
-    from fedmpi.data import Dataset  # late import: the package imports this module
+    from fedmpi.data import Dataset, image_shape  # late import: the package imports this module
 
     a = _read_arrays(path)
+    # (n, h, w) or (n, h, w, c) features are images (--augment can shift them)
+    shape = a["x_train"].shape[1:]
+    images = image_shape(shape) if shape == a["x_test"].shape[1:] else None
     x_train = _features(path, "x_train", a["x_train"])
     x_test = _features(path, "x_test", a["x_test"])
     y_train = _labels(path, "y_train", a["y_train"])
@@ -114,4 +119,5 @@ def load_npz(path: str):
         y_test=y_test,
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
         x_scale=1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0,
+        image_shape=images,
     )

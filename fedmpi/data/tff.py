@@ -201,22 +201,22 @@ def _read(path: str, as_bytes: bool | None):
                                 "integers 0..C-1")
             y[pos:pos + m] = labels
             pos += m
-    return x, y, s.sizes, s.ids, s.dtype
+    return x, y, s.sizes, s.ids, s.dtype, s.shape
 
 
 def load_tff(spec: str):
     """The ``h5:`` data set `spec` (without the prefix) as a `fedmpi.data.Dataset`."""
-    from fedmpi.data import Dataset  # late import: the package imports this module
+    from fedmpi.data import Dataset, image_shape  # late import: the package imports this module
 
     train, test = paths(spec)
-    x_train, y_train, sizes, ids, dtype = _read(train, None)
-    x_test, y_test, _, _, test_dtype = _read(test, x_train.dtype == np.uint8)
+    x_train, y_train, sizes, ids, dtype, shape = _read(train, None)
+    x_test, y_test, _, _, test_dtype, _ = _read(test, x_train.dtype == np.uint8)
     if x_train.shape[1] != x_test.shape[1] or dtype != test_dtype:
         raise UserError(f"{train} has {dtype} inputs of {x_train.shape[1]} values per example but "
                         f"{test} has {test_dtype} of {x_test.shape[1]}: inconsistent feature "
                         "shapes; they must be the same data set's two splits")
     if x_test.dtype != x_train.dtype:  # the test file's inputs were not bytes: align
-        x_train, y_train, sizes, ids, _ = _read(train, False)
+        x_train, y_train, sizes, ids, _, _ = _read(train, False)
     empty = np.flatnonzero(sizes == 0)
     if len(empty):
         raise UserError(f"{train}: client {ids[empty[0]]} has no examples; every client of a "
@@ -233,4 +233,5 @@ def load_tff(spec: str):
         x_scale=1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0,
         natural_sizes=sizes,
         client_ids=np.array([c.encode() for c in ids]),
+        image_shape=image_shape(shape),  # EMNIST's pixels (28, 28), CIFAR's image (32, 32, 3)
     )

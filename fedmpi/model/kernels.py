@@ -88,6 +88,25 @@ def train_settings(epochs, batch, loss=LOSS_CE, opt=OPT_SGD, lr=0.01, momentum=0
                          float(momentum), float(weight_decay), float(beta1), float(beta2),
                          float(eps), float(prox_mu))
 
+
+class Augment(NamedTuple):
+    """Image augmentation of one `train_local` call (pass None for none).
+
+    The m-th sample visited (position m of `order`) is shifted by
+    shifts[m] = (dy, dx) pixels, the vacated border filled with zeros, and,
+    with noise > 0, gets N(0, noise^2) added to every input (in units of the
+    scaled input x * xscale), drawn per sample in visit order from `rng`
+    (numba draws NumPy's exact stream from a Generator). Both happen where
+    layer 0 reads its pixels: the shard is never copied.
+    """
+    shifts: np.ndarray  # int8 (len(order), 2): (dy, dx), rows then columns
+    height: int
+    width: int
+    channels: int  # inputs are (height, width, channels) row-major
+    noise: float
+    rng: np.random.Generator
+
+
 TILE = 64  # samples per pass through the layers; bigger minibatches are tiled
 # Samples whose forward pass shares each loaded vector of weights: 5 divides
 # the FedAvg paper's minibatches (10, 50), so no lanes are computed for
@@ -280,22 +299,71 @@ def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu
 
 
 @njit(cache=True)
-def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True):
+def _gather_augmented(acts, x, xscale, rows, aug, pos):
+    """Layer 0 of `rows` (visit positions pos, pos+1, ...) with `aug`'s shifts and noise.
+
+    Input (i, j, ch) of a sample shifted by (dy, dx) is pixel (i-dy, j-dx, ch)
+    of its row of x, or 0 where that lies outside the image: per image row, a
+    run of columns copied from source row i-dy, zeros on either side. The
+    copies index views from 0 (a loop index numba cannot prove non-negative
+    gets a wrap-around check that stops vectorisation: 4x slower here).
+    Each value is float32(x * xscale) as without augmentation, then
+    + float32(noise * z) with z a float64 N(0, 1) draw (numba draws float64
+    normals twice as fast as float32 ones).
+    """
+    h, w, c = aug.height, aug.width, aug.channels
+    rw = w * c
+    d = h * rw
+    sigma = aug.noise
+    for b in range(rows.shape[0]):
+        xr = x[rows[b]]
+        a = acts[b * d:(b + 1) * d]
+        dy = np.int64(aug.shifts[pos + b, 0])
+        dx = np.int64(aug.shifts[pos + b, 1])
+        c0 = max(0, dx) * c  # the columns (times channels) that have a source
+        c1 = min(w, w + dx) * c
+        for i in range(h):
+            o = i * rw
+            si = i - dy
+            if si < 0 or si >= h or c0 >= c1:
+                a[o:o + rw] = 0.0
+                continue
+            a[o:o + c0] = 0.0
+            dst = a[o + c0:o + c1]
+            src = xr[si * rw + c0 - dx * c:si * rw + c1 - dx * c]
+            for k in range(dst.shape[0]):
+                dst[k] = src[k] * xscale
+            a[o + c1:o + rw] = 0.0
+        if sigma != 0.0:
+            z = aug.rng.standard_normal(d)
+            for k in range(d):
+                a[k] = a[k] + np.float32(sigma * z[k])
+
+
+@njit(cache=True)
+def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True, aug=None,
+             pos=0):
     """Activations of len(rows) samples; returns the offset of the output layer.
 
     acts holds layer l's activations as an (nb, sizes[l]) row-major block;
     layer 0 is the scaled input, hidden layers are post-ReLU, the last block
     holds the raw outputs (logits). With for_backward, leaves each layer
-    input's column CSR in ws for `_backward`.
+    input's column CSR in ws for `_backward`. With an Augment `aug`, layer 0
+    is the augmented input of the samples visited at positions pos, pos+1, ...
+    (without, numba compiles the plain gather alone: `aug is None` is decided
+    at compile time).
     """
     acts, _, nz_idx, nz_val, nz_ptr, grp_idx, grp_val = ws
     nb = rows.shape[0]
     d = sizes[0]
-    for b in range(nb):
-        xr = x[rows[b]]
-        a = acts[b * d:(b + 1) * d]
-        for k in range(d):
-            a[k] = xr[k] * xscale
+    if aug is None:
+        for b in range(nb):
+            xr = x[rows[b]]
+            a = acts[b * d:(b + 1) * d]
+            for k in range(d):
+                a[k] = xr[k] * xscale
+    else:
+        _gather_augmented(acts, x, xscale, rows, aug, pos)
     a_off = 0
     p_off = 0  # where this layer's CSR starts in nz_ptr / nz_idx
     q_off = 0
@@ -529,8 +597,11 @@ def _opt_step(params, grad, state, opt, lr, momentum, weight_decay, beta1, beta2
 
 
 @njit(cache=True)
-def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws):
-    """Mean-loss gradient over `rows` into `grad` (overwritten); returns the loss sum."""
+def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws, aug=None,
+             pos=0):
+    """Mean-loss gradient over `rows` into `grad` (overwritten); returns the loss sum.
+
+    aug, pos: `_forward`'s augmentation of the rows (visit positions pos, ...)."""
     grad[:] = 0.0
     n = rows.shape[0]
     ncls = sizes[sizes.shape[0] - 1]
@@ -539,7 +610,7 @@ def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws)
     for t0 in range(0, n, TILE):
         tile = rows[t0:min(n, t0 + TILE)]
         nb = tile.shape[0]
-        out = _forward(params, sizes, woff, boff, x, xscale, tile, ws)
+        out = _forward(params, sizes, woff, boff, x, xscale, tile, ws, True, aug, pos + t0)
         l, _ = _loss_and_delta(ws[0], out, nb, ncls, y, tile, loss_kind, ws[1], True)
         loss += l
         _backward(params, sizes, woff, boff, nb, ws, grad, scale)
@@ -548,14 +619,15 @@ def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws)
 
 @njit(cache=True)
 def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor, correction,
-                grad, state, ws):
+                grad, state, ws, aug=None):
     """Run `settings.epochs` epochs of minibatch training in place on `params`.
 
     order: epochs * n sample indices; epoch e visits order[e*n:(e+1)*n] in
     that order, in minibatches of `settings.batch` (0 = the full n); the last
     minibatch of an epoch may be smaller. anchor (FedProx) and correction
     (SCAFFOLD) are used when they have the parameters' length (pass empty
-    arrays otherwise). Returns (sum of per-sample losses seen before each
+    arrays otherwise). aug: an Augment (image shifts and noise per visited
+    sample) or None. Returns (sum of per-sample losses seen before each
     step, number of samples seen, number of steps).
     """
     epochs, batch, loss_kind, opt = settings.epochs, settings.batch, settings.loss, settings.opt
@@ -578,7 +650,7 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
             rows = order[s0:min((e + 1) * n, s0 + batch)]
             nb = rows.shape[0]
             if fused:
-                out = _forward(params, sizes, woff, boff, x, xscale, rows, ws)
+                out = _forward(params, sizes, woff, boff, x, xscale, rows, ws, True, aug, s0)
                 l, _ = _loss_and_delta(ws[0], out, nb, ncls, y, rows, loss_kind, ws[1], True)
                 loss += l
                 _backward(params, sizes, woff, boff, nb, ws, params,
@@ -588,7 +660,7 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
                         params[i] -= lr * correction[i]
             else:
                 loss += gradient(params, sizes, woff, boff, x, xscale, y, rows,
-                                 loss_kind, grad, ws)
+                                 loss_kind, grad, ws, aug, s0)
                 _opt_step(params, grad, state, opt, lr, momentum, weight_decay,
                           beta1, beta2, eps, steps + 1, prox_mu, anchor, correction)
             steps += 1

@@ -38,7 +38,7 @@ from fedmpi import aggregate, algorithms, schedule
 from fedmpi import pipeline as update_pipeline
 from fedmpi.config import Config
 from fedmpi.config import warnings as config_warnings
-from fedmpi.data import Dataset, footprint, load_dataset
+from fedmpi.data import Dataset, footprint, load_dataset, require_images
 from fedmpi.data import fingerprint as fingerprint_of
 from fedmpi.data.partition import make_partition
 from fedmpi.errors import UserError
@@ -137,13 +137,16 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
                               num_clients=cfg.clients, synthetic_alpha=cfg.synthetic_alpha,
                               synthetic_beta=cfg.synthetic_beta,
                               synthetic_mean_samples=cfg.synthetic_mean_samples)
+            if cfg.augments:  # known for npz and h5 data only now that they are read
+                require_images(ds, "--augment")
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
     meta = None
     arrays = None
     if leader:
-        meta = dict(name=ds.name, num_classes=ds.num_classes, x_scale=ds.x_scale)
+        meta = dict(name=ds.name, num_classes=ds.num_classes, x_scale=ds.x_scale,
+                    image_shape=ds.image_shape)
         arrays = dict(x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
         if ds.natural_sizes is not None:
             arrays["natural_sizes"] = np.asarray(ds.natural_sizes, np.int64)
@@ -156,7 +159,8 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
     data = Dataset(name=meta["name"], x_train=views["x_train"], y_train=views["y_train"],
                    x_test=views["x_test"], y_test=views["y_test"],
                    num_classes=meta["num_classes"], x_scale=meta["x_scale"],
-                   natural_sizes=views.get("natural_sizes"), client_ids=views.get("client_ids"))
+                   natural_sizes=views.get("natural_sizes"), client_ids=views.get("client_ids"),
+                   image_shape=meta["image_shape"])
     return data, handle
 
 
@@ -210,7 +214,8 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
         for turn in (True, False):
             if trainer is not None and (node.rank == first) == turn:
                 res = algo.client_update(trainer, params.copy(), indices[:2],
-                                         np.random.default_rng(0))
+                                         np.random.default_rng(0),
+                                         **trainer.augmentation(0, 0))  # no round 0 trains
                 acc = np.zeros(res.update.shape, np.int64)
                 aggregate.accumulate(acc, res.update, 0.5, 1.0)
                 aggregate.block_max_abs(res.update, np.zeros(aggregate.num_blocks(acc.shape[0])))
@@ -417,7 +422,8 @@ def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
                 algo_row, stage_row = client_states.rows(state_rows, i)
                 res = algo.client_update(trainer, params, part.indices(c),
                                          generator(cfg.seed, "shuffle", rnd, c),
-                                         state=algo_row, **work[row])
+                                         state=algo_row, **work[row],
+                                         **trainer.augmentation(rnd, c))
                 updates[i] = res.update
                 # the stages transform the model update (the first P values)
                 ctx = pipeline.client(updates[i, :P], rnd, c, cfg.seed, rparams, stage_row)
