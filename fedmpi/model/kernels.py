@@ -706,6 +706,8 @@ def evaluate_grouped(params, sizes, woff, boff, x, xscale, y, order, loss_kind, 
     nlayers = sizes.shape[0] - 1
     ncls = sizes[nlayers]
     ld = _ld(np.max(sizes[1:]))
+    if outs.shape[0] < nlayers * nb * ld or logits.shape[0] < nb * ncls:
+        raise ValueError("evaluate_grouped: eval_workspace made for smaller chunks")
     z_prev = 0
     for l in range(nlayers):
         n_in = sizes[l]
