@@ -139,11 +139,13 @@ def _compress(acts, a_off, nb, n_in, nz_idx, nz_val, nz_ptr, p_off, q_off):
     q = q_off
     nz_ptr[p_off] = q
     for k in range(n_in):
+        o = a_off + k
         for b in range(nb):
-            v = acts[a_off + b * n_in + k]
-            nz_idx[q] = b
-            nz_val[q] = v
+            v = acts[np.uint64(o)]  # unsigned: numba adds no negative-index wraparound
+            nz_idx[np.uint64(q)] = b
+            nz_val[np.uint64(q)] = v
             q += v != 0.0
+            o += n_in
         nz_ptr[p_off + k + 1] = q
 
 
@@ -156,20 +158,23 @@ def _compress_group(acts, a_off, n_in, b0, g, grp_idx, grp_val):
     branch-free like `_compress`.
     """
     z = np.float32(0.0)
+    u = np.uint64  # unsigned indices: numba adds no negative-index wraparound
     o0 = a_off + b0 * n_in
     cnt = 0
     for k in range(n_in):
-        v0 = acts[o0 + k]
-        v1 = acts[o0 + n_in + k] if g > 1 else z
-        v2 = acts[o0 + 2 * n_in + k] if g > 2 else z
-        v3 = acts[o0 + 3 * n_in + k] if g > 3 else z
-        v4 = acts[o0 + 4 * n_in + k] if g > 4 else z
-        grp_idx[cnt] = k
-        grp_val[GROUP * cnt] = v0
-        grp_val[GROUP * cnt + 1] = v1
-        grp_val[GROUP * cnt + 2] = v2
-        grp_val[GROUP * cnt + 3] = v3
-        grp_val[GROUP * cnt + 4] = v4
+        o = o0 + k
+        v0 = acts[u(o)]
+        v1 = acts[u(o + n_in)] if g > 1 else z
+        v2 = acts[u(o + 2 * n_in)] if g > 2 else z
+        v3 = acts[u(o + 3 * n_in)] if g > 3 else z
+        v4 = acts[u(o + 4 * n_in)] if g > 4 else z
+        c = GROUP * cnt
+        grp_idx[u(cnt)] = k
+        grp_val[u(c)] = v0
+        grp_val[u(c + 1)] = v1
+        grp_val[u(c + 2)] = v2
+        grp_val[u(c + 3)] = v3
+        grp_val[u(c + 4)] = v4
         cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
     return cnt
 
@@ -420,8 +425,8 @@ def _weight_update(target, wo, bo, n_in, n_out, nz_idx, nz_val, nz_ptr, p_off, d
             t2 = vload(target, row + j0 + 2 * VW)
             t3 = vload(target, row + j0 + 3 * VW)
             for q in range(q0, q1):
-                c = vsplat(scale * nz_val[q])
-                dl = d_out + nz_idx[q] * ld + j0
+                c = vsplat(scale * nz_val[np.uint64(q)])  # unsigned: no wraparound code
+                dl = d_out + nz_idx[np.uint64(q)] * ld + j0
                 t0 = vmuladd(t0, c, vload(deltas, dl))
                 t1 = vmuladd(t1, c, vload(deltas, dl + VW))
                 t2 = vmuladd(t2, c, vload(deltas, dl + 2 * VW))
@@ -675,19 +680,21 @@ def _compress_rows(x, xscale, order, b0, g, grp_idx, grp_val):
     x2 = x[order[b0 + 2]] if g > 2 else x0
     x3 = x[order[b0 + 3]] if g > 3 else x0
     x4 = x[order[b0 + 4]] if g > 4 else x0
+    u = np.uint64  # unsigned indices: numba adds no negative-index wraparound
     cnt = 0
     for k in range(d):
-        v0 = np.float32(x0[k] * xscale)
-        v1 = np.float32(x1[k] * xscale) if g > 1 else z
-        v2 = np.float32(x2[k] * xscale) if g > 2 else z
-        v3 = np.float32(x3[k] * xscale) if g > 3 else z
-        v4 = np.float32(x4[k] * xscale) if g > 4 else z
-        grp_idx[cnt] = k
-        grp_val[GROUP * cnt] = v0
-        grp_val[GROUP * cnt + 1] = v1
-        grp_val[GROUP * cnt + 2] = v2
-        grp_val[GROUP * cnt + 3] = v3
-        grp_val[GROUP * cnt + 4] = v4
+        v0 = np.float32(x0[u(k)] * xscale)
+        v1 = np.float32(x1[u(k)] * xscale) if g > 1 else z
+        v2 = np.float32(x2[u(k)] * xscale) if g > 2 else z
+        v3 = np.float32(x3[u(k)] * xscale) if g > 3 else z
+        v4 = np.float32(x4[u(k)] * xscale) if g > 4 else z
+        c = GROUP * cnt
+        grp_idx[u(cnt)] = k
+        grp_val[u(c)] = v0
+        grp_val[u(c + 1)] = v1
+        grp_val[u(c + 2)] = v2
+        grp_val[u(c + 3)] = v3
+        grp_val[u(c + 4)] = v4
         cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
     return cnt
 
