@@ -375,11 +375,11 @@ def _delta_in(params, wo, n_in, n_out, nz_idx, nz_ptr, p_off, deltas, d_out, d_i
     ld_in = _ld(n_in)
     ld_out = _ld(n_out)
     for i in range(nb * ld_in):
-        deltas[d_in + i] = 0.0
+        deltas[np.uint64(d_in + i)] = 0.0
     for k in range(n_in):
         row = wo + k * n_out
         for q in range(nz_ptr[p_off + k], nz_ptr[p_off + k + 1]):
-            b = nz_idx[q]
+            b = nz_idx[np.uint64(q)]  # unsigned: no wraparound code
             dl = d_out + b * ld_out
             a0 = vzero()
             a1 = vzero()
@@ -398,7 +398,7 @@ def _delta_in(params, wo, n_in, n_out, nz_idx, nz_ptr, p_off, deltas, d_out, d_i
                 m = n_out - j0
                 a0 = vmuladd(a0, vload_m(params, row + j0, m), vload_m(deltas, dl + j0, m))
                 j0 += VW
-            deltas[d_in + b * ld_in + k] = vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
+            deltas[np.uint64(d_in + b * ld_in + k)] = vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
 
 
 @njit(cache=True)
@@ -440,8 +440,8 @@ def _weight_update(target, wo, bo, n_in, n_out, nz_idx, nz_val, nz_ptr, p_off, d
             m = n_out - j0
             t0 = vload_m(target, row + j0, m)
             for q in range(q0, q1):
-                dl = d_out + nz_idx[q] * ld + j0
-                t0 = vmuladd(t0, vsplat(scale * nz_val[q]), vload_m(deltas, dl, m))
+                dl = d_out + nz_idx[np.uint64(q)] * ld + j0
+                t0 = vmuladd(t0, vsplat(scale * nz_val[np.uint64(q)]), vload_m(deltas, dl, m))
             vstore_m(target, row + j0, t0, m)
             j0 += VW
     s = vsplat(scale)
