@@ -662,8 +662,8 @@ def eval_order(x: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 def eval_workspace(sizes: np.ndarray, chunk: int):
     """Buffers of `evaluate_grouped` for chunks of up to `chunk` samples: every
-    layer's outputs in grouped order, the logits back in row order, and the
-    group CSR of a layer's inputs."""
+    layer's outputs in grouped order, the logits back in row order, the group
+    CSR of a layer's inputs and one group's scaled input rows."""
     ld = int(_ld(int(np.max(sizes[1:]))))
     n_layers = len(sizes) - 1
     outs = aligned_zeros(n_layers * chunk * ld)
@@ -671,37 +671,8 @@ def eval_workspace(sizes: np.ndarray, chunk: int):
     max_in = int(np.max(sizes[:-1]))
     grp_idx = np.zeros(max_in, np.int32)
     grp_val = np.zeros(GROUP * max_in, np.float32)
-    return outs, logits, grp_idx, grp_val
-
-
-@njit(cache=True)
-def _compress_rows(x, xscale, order, b0, g, grp_idx, grp_val):
-    """`_compress_group` for the first layer, reading the g <= GROUP samples
-    order[b0..b0+g-1] straight from x (scaled exactly as `_forward` scales them)."""
-    z = np.float32(0.0)
-    d = x.shape[1]
-    x0 = x[order[b0]]
-    x1 = x[order[b0 + 1]] if g > 1 else x0
-    x2 = x[order[b0 + 2]] if g > 2 else x0
-    x3 = x[order[b0 + 3]] if g > 3 else x0
-    x4 = x[order[b0 + 4]] if g > 4 else x0
-    u = np.uint64  # unsigned indices: numba adds no negative-index wraparound
-    cnt = 0
-    for k in range(d):
-        v0 = np.float32(x0[u(k)] * xscale)
-        v1 = np.float32(x1[u(k)] * xscale) if g > 1 else z
-        v2 = np.float32(x2[u(k)] * xscale) if g > 2 else z
-        v3 = np.float32(x3[u(k)] * xscale) if g > 3 else z
-        v4 = np.float32(x4[u(k)] * xscale) if g > 4 else z
-        c = GROUP * cnt
-        grp_idx[u(cnt)] = k
-        grp_val[u(c)] = v0
-        grp_val[u(c + 1)] = v1
-        grp_val[u(c + 2)] = v2
-        grp_val[u(c + 3)] = v3
-        grp_val[u(c + 4)] = v4
-        cnt += (v0 != 0.0) | (v1 != 0.0) | (v2 != 0.0) | (v3 != 0.0) | (v4 != 0.0)
-    return cnt
+    group_in = aligned_zeros(GROUP * int(sizes[0]))
+    return outs, logits, grp_idx, grp_val, group_in
 
 
 @njit(cache=True)
@@ -710,7 +681,7 @@ def evaluate_grouped(params, sizes, woff, boff, x, xscale, y, order, loss_kind, 
     `eval_order`'s): (sum of losses, number correct), the same bits as
     evaluate(..., start, stop, ...). Forward only, GROUP samples at a time in
     `order`; the losses are summed in row order, in tiles of TILE as `evaluate` does."""
-    outs, logits, grp_idx, grp_val = ews
+    outs, logits, grp_idx, grp_val, group_in = ews
     nb = order.shape[0]
     if nb == 0:
         return 0.0, 0
@@ -727,8 +698,13 @@ def evaluate_grouped(params, sizes, woff, boff, x, xscale, y, order, loss_kind, 
         z_off = l * nb * ld  # layer l's outputs in `order`, rows n_out apart
         for b0 in range(0, nb, GROUP):
             g = min(GROUP, nb - b0)
-            if l == 0:
-                cnt = _compress_rows(x, xscale, order, b0, g, grp_idx, grp_val)
+            if l == 0:  # the group's inputs, scaled exactly as `_forward` scales them
+                for i in range(g):
+                    xr = x[order[b0 + i]]
+                    a = group_in[i * n_in:(i + 1) * n_in]
+                    for k in range(n_in):
+                        a[k] = xr[k] * xscale
+                cnt = _compress_group(group_in, 0, n_in, 0, g, grp_idx, grp_val)
             else:
                 cnt = _compress_group(outs, z_prev, n_in, b0, g, grp_idx, grp_val)
             _dense_group(params, woff[l], boff[l], n_out, grp_idx, grp_val, cnt, outs,
