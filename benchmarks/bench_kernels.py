@@ -10,8 +10,10 @@ prints, all measured in the same run on one thread:
   (float32, same maths, BLAS matrix products) and the ratio of the two: the
   two are timed alternately, and each repeat gives one ratio, so the median
   and the range (min-max) of the ratios are reported;
-- the same for test-set evaluation (forward pass, loss and accuracy over
-  --samples samples in the 250-sample chunks the round loop uses);
+- the same for test-set evaluation (forward pass, loss and accuracy over the
+  first --samples test images in the 250-sample chunks the round loop uses),
+  as the round loop runs it (kernels.evaluate_grouped), and the training
+  forward pass over the same chunks (kernels.evaluate: same bits, checked);
 - the matrix-multiply peak of this machine (2048x2048 float32 np.dot, best of
   --repeats) and the compute bound it implies for the dense network
   (2 * (784*200 + 200*200 + 200*10) * 3 = 1.19 MFLOP per sample, forward
@@ -55,10 +57,10 @@ LR = 0.05
 EVAL_CHUNK = 250  # test samples per evaluation chunk, as in fedmpi.runtime.loop
 
 
-def load_data(n: int, rng: np.random.Generator):
-    """(uint8 images (n, 784), int32 labels, description)."""
-    img_path = os.path.join(DATA_DIR, "train-images-idx3-ubyte.gz")
-    lab_path = os.path.join(DATA_DIR, "train-labels-idx1-ubyte.gz")
+def load_data(n: int, rng: np.random.Generator, split: str = "train"):
+    """(uint8 images (n, 784), int32 labels, description); split "train" or "t10k"."""
+    img_path = os.path.join(DATA_DIR, f"{split}-images-idx3-ubyte.gz")
+    lab_path = os.path.join(DATA_DIR, f"{split}-labels-idx1-ubyte.gz")
     if os.path.exists(img_path) and os.path.exists(lab_path):
         with gzip.open(img_path) as f:
             img = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, SIZES[0])
@@ -137,23 +139,31 @@ def numpy_train(p, x, y, order, batch):
     return loss
 
 
-def fedmpi_evaluator(x, y):
-    """A function params -> (loss sum, correct) that runs kernels.evaluate in 250-sample
-    chunks, as the round loop does."""
+def fedmpi_evaluator(x, y, grouped=True):
+    """A function params -> (loss sum, correct) over 250-sample chunks. grouped:
+    kernels.evaluate_grouped over eval_order's look-alike groups, as the round loop
+    runs it (the orders made once, as LocalTrainer does); else kernels.evaluate, the
+    training forward pass over consecutive samples (same bits, slower)."""
     from fedmpi.model import kernels as K
     from fedmpi.model.mlp import MLP
 
     model = MLP(SIZES)
     sizes, woff, boff = model.sizes_array, model.weight_offsets, model.bias_offsets
     ws = K.workspace(sizes)
+    ews = K.eval_workspace(sizes, EVAL_CHUNK)
     xscale = np.float32(1.0 / 255.0)
     n = x.shape[0]
+    chunks = [(s0, min(n, s0 + EVAL_CHUNK)) for s0 in range(0, n, EVAL_CHUNK)]
+    orders = [K.eval_order(x, a, b) for a, b in chunks]
 
     def run(params):
         loss, correct = 0.0, 0
-        for s0 in range(0, n, EVAL_CHUNK):
-            lo, c = K.evaluate(params, sizes, woff, boff, x, xscale, y, s0,
-                               min(n, s0 + EVAL_CHUNK), K.LOSS_CE, ws)
+        for (a, b), order in zip(chunks, orders):
+            if grouped:
+                lo, c = K.evaluate_grouped(params, sizes, woff, boff, x, xscale, y, order,
+                                           K.LOSS_CE, ews)
+            else:
+                lo, c = K.evaluate(params, sizes, woff, boff, x, xscale, y, a, b, K.LOSS_CE, ws)
             loss += lo
             correct += c
         return loss, correct
@@ -221,8 +231,10 @@ def bench_train(p0, x, y, order, batch, repeats):
 
 
 def bench_eval(p, x, y, repeats):
+    """CPU seconds per repeat of (grouped evaluation, numpy, row-order evaluation)."""
     fed = fedmpi_evaluator(x, y)
-    runs = [lambda: fed(p), lambda: numpy_evaluate(p, x, y)]
+    seq = fedmpi_evaluator(x, y, grouped=False)
+    runs = [lambda: fed(p), lambda: numpy_evaluate(p, x, y), lambda: seq(p)]
     return interleaved(runs, repeats)
 
 
@@ -323,10 +335,18 @@ def main(argv=None):
     # evaluate a trained model (realistic ReLU sparsity), as the round loop does
     trained = aligned_copy(p0)
     fedmpi_trainer(x, y, 10)(trained, order)
-    times, ((fl, fc), (nl, nc)) = bench_eval(trained, x, y, args.repeats)
-    report("eval", args.samples, times, None,
+    # test images: the evaluation groups look-alike samples of each 250-sample chunk
+    xt, yt, _ = load_data(args.samples, rng, "t10k")
+    times, ((fl, fc), (nl, nc), seq) = bench_eval(trained, xt, yt, args.repeats)
+    report("eval", args.samples, times[:, :2], None,
            f"{fl / args.samples:.5f} / {nl / args.samples:.5f}, accuracy "
            f"{fc / args.samples:.4f} / {nc / args.samples:.4f}")
+    report("e-rows", args.samples, times[:, [2, 1]], None,
+           "evaluate (training forward, row order): " +
+           ("same bits" if seq == (fl, fc) else f"DIFFERENT: {seq} vs {(fl, fc)}"))
+    speedup = times[:, 2] / times[:, 0]
+    print(f"\ngrouped evaluation vs row order (evaluate_grouped vs evaluate): "
+          f"{np.median(speedup):.2f}x (range {speedup.min():.2f}-{speedup.max():.2f})")
 
 
 if __name__ == "__main__":

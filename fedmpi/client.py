@@ -34,6 +34,8 @@ class LocalTrainer:
         self._loss = kernels.LOSSES[cfg.loss]
         self._opt = kernels.OPTIMIZERS[cfg.optimizer]
         self._flipped = None  # labels C-1-y, made on first use by a label-flipping attacker
+        self._eval_orders: dict[tuple[int, int], np.ndarray] = {}  # test chunk -> grouped rows
+        self._eval_ws = None
 
     def labels(self, flip: bool = False) -> np.ndarray:
         """Training labels; with `flip`, the label-flipping attack's C-1-y (one
@@ -103,8 +105,18 @@ class LocalTrainer:
         return self._grad, float(loss)
 
     def evaluate(self, params: np.ndarray, start: int, stop: int) -> tuple[float, int]:
-        """(loss sum, number correct) on test samples start..stop-1."""
-        loss, correct = kernels.evaluate(params, self._sizes, self._woff, self._boff,
-                                         self.data.x_test, self._xscale, self.data.y_test,
-                                         start, stop, self._loss, self._ws)
+        """(loss sum, number correct) on test samples start..stop-1.
+
+        The test set never changes, so each chunk's grouping of look-alike
+        samples is computed once (the results do not depend on it)."""
+        order = self._eval_orders.get((start, stop))
+        if order is None:
+            order = self._eval_orders[start, stop] = kernels.eval_order(
+                self.data.x_test, start, stop)
+        if self._eval_ws is None or self._eval_ws[1].shape[0] < (stop - start) * self._sizes[-1]:
+            self._eval_ws = kernels.eval_workspace(self._sizes, stop - start)
+        loss, correct = kernels.evaluate_grouped(params, self._sizes, self._woff, self._boff,
+                                                 self.data.x_test, self._xscale,
+                                                 self.data.y_test, order, self._loss,
+                                                 self._eval_ws)
         return float(loss), int(correct)

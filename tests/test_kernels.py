@@ -435,6 +435,67 @@ def test_evaluate_matches_numpy(loss_kind, dtype):
         assert correct == int((acts[-1].argmax(axis=1) == y[rows]).sum())
 
 
+def make_images(rng, n, side, ncls):
+    """uint8 'images' whose non-zero pixels fill a random box each (as a garment
+    fills part of a Fashion-MNIST frame) with holes: look-alike samples that
+    `eval_order` can group."""
+    x = np.zeros((n, side, side), np.uint8)
+    for i in range(n):
+        t, l = rng.integers(0, side // 2, 2)
+        b, r = rng.integers(side // 2 + 1, side + 1, 2)
+        x[i, t:b, l:r] = rng.integers(1, 256, (b - t, r - l))
+    x[rng.random(x.shape) < 0.2] = 0
+    y = rng.integers(0, ncls, size=n).astype(np.int32)
+    return np.ascontiguousarray(x.reshape(n, side * side)), np.float32(1.0 / 255.0), y
+
+
+@pytest.mark.parametrize("loss_kind", [K.LOSS_CE, K.LOSS_MSE])
+@pytest.mark.parametrize("data", ["images", "uint8", "float32"])
+def test_evaluate_grouped_same_bits_as_evaluate(loss_kind, data):
+    """The forward-only evaluation over look-alike groups must return exactly
+    what `evaluate` (the training forward pass, consecutive groups) returns:
+    each output's sum runs over the same non-zero inputs in the same order, and
+    the losses are summed in row order; also for any other order of the rows.
+    Both are also checked against the float64 NumPy reference."""
+    rng = np.random.default_rng(81)
+    sizes = (784, 200, 200, 10) if data == "images" else SIZES
+    model, p = make_model(sizes, 12)
+    n = 300
+    if data == "images":
+        x, xscale, y = make_images(rng, n, 28, sizes[-1])
+    else:
+        x, xscale, y = make_data(rng, n, sizes[0], sizes[-1], getattr(np, data), zero_frac=0.5)
+    sizes_a, woff, boff = kargs(model)
+    ws = K.workspace(sizes_a)
+    ews = K.eval_workspace(sizes_a, 250)
+    for start, stop in ((0, 250), (250, 300), (13, 146), (5, 6), (7, 7), (0, 64), (1, 66)):
+        want = K.evaluate(p, sizes_a, woff, boff, x, xscale, y, start, stop, loss_kind, ws)
+        order = K.eval_order(x, start, stop)
+        assert order.dtype == np.int64
+        np.testing.assert_array_equal(np.sort(order), np.arange(start, stop))
+        for rows in (order, np.arange(start, stop), rng.permutation(np.arange(start, stop))):
+            got = K.evaluate_grouped(p, sizes_a, woff, boff, x, xscale, y, rows, loss_kind, ews)
+            assert got == want, (start, stop)
+        rows = np.arange(start, stop)
+        _, acts = ref_forward(model, p, ref_inputs(x, xscale, rows))
+        losses, _ = ref_losses(acts[-1], y[rows], loss_kind)
+        assert want[0] == pytest.approx(losses.sum(), rel=1e-5, abs=1e-9)
+        assert want[1] == int((acts[-1].argmax(axis=1) == y[rows]).sum())
+
+
+def test_eval_order_groups_look_alike_images():
+    """eval_order's point: groups of GROUP consecutive rows in its order share
+    more of their non-zero inputs than groups in row order do."""
+    rng = np.random.default_rng(82)
+    x, _, _ = make_images(rng, 250, 28, 10)
+
+    def union(rows):
+        nz = x[rows] != 0
+        return nz.reshape(-1, K.GROUP, nz.shape[1]).any(axis=1).sum()
+
+    assert union(K.eval_order(x, 0, 250)) < 0.9 * union(np.arange(250))
+
+
 # ----------------------------------------------------------------------------
 # Determinism
 # ----------------------------------------------------------------------------
@@ -489,10 +550,14 @@ def _isa_workload():
         out[f"{name}_gradloss"] = np.float64(K.gradient(
             got, sizes_a, woff, boff, x, xscale, y, order[:70].copy(), K.LOSS_CE, grad, ws))
         out[f"{name}_grad"] = grad
+        ews = K.eval_workspace(sizes_a, 120)
         for loss_kind in (K.LOSS_CE, K.LOSS_MSE):
             loss, correct = K.evaluate(got, sizes_a, woff, boff, x, xscale, y, 3, 120, loss_kind,
                                        ws)
             out[f"{name}_eval{loss_kind}"] = np.array([loss, correct], np.float64)
+            loss, correct = K.evaluate_grouped(got, sizes_a, woff, boff, x, xscale, y,
+                                               K.eval_order(x, 3, 120), loss_kind, ews)
+            out[f"{name}_evalgrouped{loss_kind}"] = np.array([loss, correct], np.float64)
     return out
 
 
