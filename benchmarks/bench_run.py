@@ -366,21 +366,26 @@ def torch_section(runs: dict[int, list[dict]], torch_runs: list[dict], rounds: i
     print(f"Whole {rounds}-round job against a plain one-thread PyTorch FedAvg loop "
           f"(benchmarks/fedavg_torch.py, torch {torch_runs[0]['torch']}), run interleaved; "
           f"{len(torch_runs)} repeat(s), ratios per repeat, median (range):")
-    print(f"  PyTorch loop: total {statistics.median(t['wall'] for t in torch_runs):.1f} s, "
+    print(f"  PyTorch loop: total {statistics.median(t['wall'] for t in torch_runs):.1f} s "
+          f"({statistics.median(t['cpu'] for t in torch_runs):.1f} CPU s), "
           f"s/round {np.median(t_sec):.3f}, final accuracy "
           + "/".join(f"{t['accuracy']:.4f}" for t in torch_runs)
           + f", other processes used {max(t['foreign_cores'] for t in torch_runs):.2f} cores")
     print(f"{'ranks':>5} {'fedmpi total s':>14} {'torch total / fedmpi total':>27} "
-          f"{'torch s/round / fedmpi s/round':>31}   target: total >= {TORCH_RATIO:.0f}x")
+          f"{'torch s/round / fedmpi s/round':>31} {'torch CPU s / fedmpi CPU s':>27}"
+          f"   target: total >= {TORCH_RATIO:.0f}x")
     for k, rs in runs.items():
         whole = [t["wall"] / r["wall"] for r, t in zip(rs, torch_runs)]
         per_round = [float(np.median(t["round_seconds"][SKIP:]) / np.median(r["round_seconds"][SKIP:]))
                      for r, t in zip(rs, torch_runs)]
+        cpu = [t["cpu"] / r["cpu"] for r, t in zip(rs, torch_runs)]
         verdict = "PASS" if statistics.median(whole) >= TORCH_RATIO else "FAIL"
         print(f"{k:>5} {statistics.median(r['wall'] for r in rs):>14.1f} {rng(whole):>27} "
-              f"{rng(per_round):>31}   {verdict}")
+              f"{rng(per_round):>31} {rng(cpu):>27}   {verdict}")
     print("""  total       wall time of the whole command (start-up, data, every round, shut-down)
   s/round     median over rounds 3..N, evaluation on the 10,000 test samples included
+  CPU s       CPU time of all the command's processes: hardly changed by other load, so
+              on a busy machine the 1-process CPU ratio is the steadier figure
   The loop: same protocol (100 IID clients, 10 a round, E=1, B=10, lr 0.05, 2NN), its own
   initialisation and sampling, one process, torch.set_num_threads(1).""")
 
