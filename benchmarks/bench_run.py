@@ -61,7 +61,7 @@ import time
 import h5py
 import numpy as np
 
-from common import find_mpiexec  # benchmarks/common.py (scripts run from benchmarks/)
+from common import cpu_model, find_mpiexec  # benchmarks/common.py (scripts run from benchmarks/)
 
 # The benchmarked job (every flag spelled out, so defaults may change freely).
 JOB = ["--dataset", "fashion-mnist", "--partition", "iid", "--clients", "100",
@@ -557,6 +557,13 @@ def main() -> int:
     print(f"fedmpi bench_run: {platform.node()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
           f"mpi4py {mpi4py.__version__}")
+    import llvmlite.binding as llvm
+
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                  if line.startswith("flags")), []) if os.path.exists("/proc/cpuinfo") else []
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    print(f"cpu: {cpu_model()} ({isa}); numba compiles for "
+          f"{numba.config.CPU_NAME or llvm.get_host_cpu_name()}")
     print(f"code: git {git_state()}")
     print(f"job: {' '.join(JOB)} --rounds {args.rounds}")
     print(f"load average before: {open('/proc/loadavg').read().split()[:3]}; other processes "
