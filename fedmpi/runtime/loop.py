@@ -205,7 +205,10 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
     once (8 ranks on 2 cores: 38 s); here the node's first rank that trains
     compiles and writes the cache, then the other ranks load it. The calls train a
     throwaway copy on two samples and draw from their own generator, so the
-    run's results are untouched.
+    run's results are untouched. Every call passes the same argument types as
+    the rounds do (numba compiles one version per type signature: a scalar
+    scale here instead of the rounds' per-block array compiled a second
+    `_accumulate` in round 1 on every rank).
     """
     node = C.node_comm(comm)
     runs = node.allgather(trainer is not None)  # rank 0 of several runs no kernels
@@ -217,11 +220,14 @@ def _warm_up(comm: MPI.Comm, algo, trainer: LocalTrainer, params: np.ndarray,
                                          np.random.default_rng(0),
                                          **trainer.augmentation(0, 0))  # no round 0 trains
                 acc = np.zeros(res.update.shape, np.int64)
-                aggregate.accumulate(acc, res.update, 0.5, 1.0)
-                aggregate.block_max_abs(res.update, np.zeros(aggregate.num_blocks(acc.shape[0])))
+                bounds = np.zeros(aggregate.num_blocks(acc.shape[0]))
+                aggregate.block_max_abs(res.update, bounds)
+                aggregate.accumulate(acc, res.update, 0.5, np.ones_like(bounds))
                 trainer.evaluate(params, 0, 1)
                 pipeline.warm_up(res.update)
-            C.barrier(node)
+            # the others wait seconds for the compile: sleep up to 10 ms a time (with
+            # C.barrier's 1 ms, 7 waiting ranks took 0.12 cores from it; now 0.04)
+            C.wait(node.Ibarrier(), 0.01)
     finally:
         node.Free()
 
