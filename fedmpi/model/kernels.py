@@ -240,7 +240,7 @@ def _dense_group(params, wo, bo, n_out, grp_idx, grp_val, cnt, acts, zo, g, relu
     can see); a row-wise skip per sample would need a branch or W loaded
     once per sample, both slower.
     """
-    j0 = 0
+    j0 = np.int64(0)  # (np.int64: see _backward)
     if _FWD_NV == 2:
         while j0 + 2 * VW <= n_out:
             c0 = vload(params, bo + j0)
@@ -374,9 +374,9 @@ def _forward(params, sizes, woff, boff, x, xscale, rows, ws, for_backward=True, 
                 a[k] = xr[k] * xscale
     else:
         _gather_augmented(acts, x, xscale, rows, aug, pos)
-    a_off = 0
-    p_off = 0  # where this layer's CSR starts in nz_ptr / nz_idx
-    q_off = 0
+    a_off = np.int64(0)  # (np.int64: see _backward)
+    p_off = np.int64(0)  # where this layer's CSR starts in nz_ptr / nz_idx
+    q_off = np.int64(0)
     nlayers = sizes.shape[0] - 1
     for l in range(nlayers):
         n_in = sizes[l]
@@ -491,7 +491,7 @@ def _weight_update(target, wo, bo, n_in, n_out, nz_idx, nz_val, nz_ptr, p_off, d
         if q0 == q1:
             continue
         row = wo + k * n_out
-        j0 = 0
+        j0 = np.int64(0)  # (np.int64: see _backward)
         while j0 + 4 * VW <= n_out:
             t0 = vload(target, row + j0)
             t1 = vload(target, row + j0 + VW)
@@ -518,7 +518,7 @@ def _weight_update(target, wo, bo, n_in, n_out, nz_idx, nz_val, nz_ptr, p_off, d
             vstore_m(target, row + j0, t0, m)
             j0 += VW
     s = vsplat(scale)
-    j0 = 0
+    j0 = np.int64(0)  # (np.int64: see _backward)
     while j0 < n_out:
         m = n_out - j0
         t0 = vload_m(target, bo + j0, m)
@@ -542,10 +542,12 @@ def _backward(params, sizes, woff, boff, nb, ws, target, scale):
     _, deltas, nz_idx, nz_val, nz_ptr, _, _ = ws
     nlayers = sizes.shape[0] - 1
     half = deltas.shape[0] // 2
-    p_off = 0  # start of the last layer's CSR in nz_ptr
+    # offsets start as np.int64(0), not 0: a literal 0 reaching a callee makes numba
+    # compile a second version of it for Literal[int](0) (~2 s more first-run compile)
+    p_off = np.int64(0)  # start of the last layer's CSR in nz_ptr
     for l in range(nlayers - 1):
         p_off += sizes[l] + 1
-    d_out = 0  # offset of the current layer's output delta inside `deltas`
+    d_out = np.int64(0)  # offset of the current layer's output delta inside `deltas`
     for l in range(nlayers - 1, -1, -1):
         n_in = sizes[l]
         n_out = sizes[l + 1]
@@ -768,7 +770,7 @@ def evaluate_grouped(params, sizes, woff, boff, x, xscale, y, order, loss_kind, 
     ld = _ld(np.max(sizes[1:]))
     if outs.shape[0] < nlayers * nb * ld or logits.shape[0] < nb * ncls:
         raise ValueError("evaluate_grouped: eval_workspace made for smaller chunks")
-    z_prev = 0
+    z_prev = np.int64(0)  # (np.int64: see _backward)
     for l in range(nlayers):
         n_in = sizes[l]
         n_out = sizes[l + 1]
@@ -781,7 +783,8 @@ def evaluate_grouped(params, sizes, woff, boff, x, xscale, y, order, loss_kind, 
                     a = group_in[i * n_in:(i + 1) * n_in]
                     for k in range(n_in):
                         a[k] = xr[k] * xscale
-                cnt = _compress_group(group_in, 0, n_in, 0, g, grp_idx, grp_val)
+                cnt = _compress_group(group_in, np.int64(0), n_in, np.int64(0), g, grp_idx,
+                                      grp_val)
             else:
                 cnt = _compress_group(outs, z_prev, n_in, b0, g, grp_idx, grp_val)
             _dense_group(params, woff[l], boff[l], n_out, grp_idx, grp_val, cnt, outs,
