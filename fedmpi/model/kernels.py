@@ -629,7 +629,6 @@ def gradient(params, sizes, woff, boff, x, xscale, y, rows, loss_kind, grad, ws,
     return loss
 
 
-@njit(cache=True)
 def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor, correction,
                 grad, state, ws, aug=None):
     """Run `settings.epochs` epochs of minibatch training in place on `params`.
@@ -642,6 +641,24 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
     sample) or None. Returns (sum of per-sample losses seen before each
     step, number of samples seen, number of steps).
     """
+    n = order.shape[0] // settings.epochs
+    batch = n if settings.batch <= 0 or settings.batch > n else settings.batch
+    # plain SGD steps straight from the backward pass into params (no gradient buffer);
+    # a control-variate correction (SCAFFOLD) is then one more pass: w -= lr * correction
+    fused = (settings.opt == OPT_SGD and settings.momentum == 0.0
+             and settings.weight_decay == 0.0
+             and (settings.prox_mu == 0.0 or anchor.shape[0] == 0) and batch <= TILE)
+    # decided here, in Python: the fused loop gets state=None, and numba prunes the
+    # branch on `state is None` at compile time, so a run compiles only the loop it
+    # uses (the general one brings in the optimizer steps)
+    return _train(params, sizes, woff, boff, x, xscale, y, order, settings, anchor, correction,
+                  grad, None if fused else state, ws, aug)
+
+
+@njit(cache=True)
+def _train(params, sizes, woff, boff, x, xscale, y, order, settings, anchor, correction,
+           grad, state, ws, aug):
+    """train_local's loop; state None: the fused plain-SGD steps."""
     epochs, batch, loss_kind, opt = settings.epochs, settings.batch, settings.loss, settings.opt
     lr, momentum, weight_decay = settings.lr, settings.momentum, settings.weight_decay
     beta1, beta2, eps, prox_mu = settings.beta1, settings.beta2, settings.eps, settings.prox_mu
@@ -649,19 +666,16 @@ def train_local(params, sizes, woff, boff, x, xscale, y, order, settings, anchor
     if batch <= 0 or batch > n:
         batch = n
     ncls = sizes[sizes.shape[0] - 1]
-    # plain SGD steps straight from the backward pass into params (no gradient buffer);
-    # a control-variate correction (SCAFFOLD) is then one more pass: w -= lr * correction
-    fused = (opt == OPT_SGD and momentum == 0.0 and weight_decay == 0.0
-             and (prox_mu == 0.0 or anchor.shape[0] == 0) and batch <= TILE)
     corrected = correction.shape[0] == params.shape[0]
-    state[:] = 0.0
+    if state is not None:
+        state[:] = 0.0
     loss = 0.0
     steps = 0
     for e in range(epochs):
         for s0 in range(e * n, (e + 1) * n, batch):
             rows = order[s0:min((e + 1) * n, s0 + batch)]
             nb = rows.shape[0]
-            if fused:
+            if state is None:
                 out = _forward(params, sizes, woff, boff, x, xscale, rows, ws, True, aug, s0)
                 l, _ = _loss_and_delta(ws[0], out, nb, ncls, y, rows, loss_kind, ws[1], True)
                 loss += l
