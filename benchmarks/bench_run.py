@@ -577,7 +577,7 @@ def main() -> int:
 
     if args.startup_repeat > 0:
         startup_section(ranks, args.startup_repeat, workdir, args.data_dir)
-    cold_ranks = [int(x) for x in args.cold_ranks.split(",") if int(x) > 0]
+    cold_ranks = [int(x) for x in args.cold_ranks.split(",") if x.strip() and int(x) > 0]
     if cold_ranks:
         cold_section(cold_ranks, workdir, args.data_dir)
     if args.startup_only:
