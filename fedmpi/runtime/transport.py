@@ -165,7 +165,7 @@ class ClientStates:
         # (error feedback); the configuration never asks for both
         self.comm, self.n = comm, num_params
         self.for_algo = algo.client_state is not None
-        self.stage = algo if self.for_algo else pipeline.stateful
+        self.owner = algo if self.for_algo else pipeline.stateful
 
     def rows(self, rows: np.ndarray | None, i: int) -> tuple:
         """(the algorithm's row, the pipeline's row) of this rank's i-th client (None: not its)."""
@@ -175,10 +175,10 @@ class ClientStates:
 
     def fetch(self, by_rank: list) -> np.ndarray | None:
         """This rank's clients' rows, in its row order (None without state)."""
-        if self.stage is None:
+        if self.owner is None:
             return None
         ids = np.concatenate(by_rank)
-        taken = self.stage.store.take(ids)[0] if self.comm.rank == 0 else None
+        taken = self.owner.store.take(ids)[0] if self.comm.rank == 0 else None
         return C.scatter_rows(self.comm, taken, [len(p) for p in by_rank], self.n)
 
     def store_back(self, rows: np.ndarray | None, by_rank: list) -> None:
@@ -186,7 +186,7 @@ class ClientStates:
             return
         back = C.gather_rows(self.comm, rows, [len(p) for p in by_rank])
         if self.comm.rank == 0:
-            self.stage.store.put_many(np.concatenate(by_rank), back)
+            self.owner.store.put_many(np.concatenate(by_rank), back)
 
 
 def make(cfg, comm, shared: C.NodeShared, num_params: int, algo, pipeline,
