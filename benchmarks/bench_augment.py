@@ -28,34 +28,22 @@ import argparse  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench_kernels import SIZES, aligned_copy, interleaved, load_data  # noqa: E402
+from bench_kernels import (SIZES, aligned_copy, fedmpi_trainer, interleaved,  # noqa: E402
+                           load_data)
 from common import cpu_model  # noqa: E402
 
 
 def trainer(x, y, batch, shift, sigma):
-    """(params, order) -> loss sum: train_local as LocalTrainer calls it."""
+    """(params, order) -> loss sum: train_local as LocalTrainer calls it, augmented
+    unless shift is False and sigma 0."""
     from fedmpi.model import kernels as K
-    from fedmpi.model.mlp import MLP
 
-    model = MLP(SIZES)
-    sizes, woff, boff = model.sizes_array, model.weight_offsets, model.bias_offsets
-    ws = K.workspace(sizes)
-    grad = np.zeros(model.num_params, np.float32)
-    state = np.zeros(2 * model.num_params, np.float32)
-    empty = np.zeros(0, np.float32)
-    xscale = np.float32(1.0 / 255.0)
-    settings = K.train_settings(1, batch, K.LOSS_CE, K.OPT_SGD, 0.05)
-
-    def run(params, order):
-        aug = None
-        if shift is not False or sigma:
-            rng = np.random.default_rng(0)
-            shifts = (rng.integers(-2, 3, size=(order.size, 2), dtype=np.int8) if shift
-                      else np.zeros((order.size, 2), np.int8))
-            aug = K.Augment(shifts, 28, 28, 1, sigma, rng)
-        return K.train_local(params, sizes, woff, boff, x, xscale, y, order, settings, empty,
-                             empty, grad, state, ws, aug)[0]
-    return run
+    def augment(order):
+        rng = np.random.default_rng(0)
+        shifts = (rng.integers(-2, 3, size=(order.size, 2), dtype=np.int8) if shift
+                  else np.zeros((order.size, 2), np.int8))
+        return K.Augment(shifts, 28, 28, 1, sigma, rng)
+    return fedmpi_trainer(x, y, batch, augment if shift is not False or sigma else None)
 
 
 def main(argv=None):

@@ -75,8 +75,9 @@ def load_data(n: int, rng: np.random.Generator, split: str = "train"):
                       f"Fashion-MNIST not found in {DATA_DIR}")
 
 
-def fedmpi_trainer(x, y, batch):
-    """A function (params, order) -> loss sum that runs kernels.train_local."""
+def fedmpi_trainer(x, y, batch, augment=None):
+    """A function (params, order) -> loss sum that runs kernels.train_local;
+    `augment(order)` gives each call's kernels.Augment (bench_augment.py)."""
     from fedmpi.model import kernels as K
     from fedmpi.model.mlp import MLP
 
@@ -91,7 +92,7 @@ def fedmpi_trainer(x, y, batch):
 
     def run(params, o):
         return K.train_local(params, sizes, woff, boff, x, xscale, y, o, settings, empty, empty,
-                             grad, state, ws)[0]
+                             grad, state, ws, None if augment is None else augment(o))[0]
     return run
 
 
