@@ -175,6 +175,26 @@ class ClientStateStore:
             self._ids.append(cid)
         self._rows[:ids.size] = rows
 
+    def checkpoint(self) -> dict[str, np.ndarray]:
+        """export() under the checkpoint names <name>_ids and <name>_rows."""
+        arrays = self.export()
+        return {f"{self.name}_ids": arrays["ids"], f"{self.name}_rows": arrays["rows"]}
+
+    def restore(self, arrays: dict[str, np.ndarray], owner: str) -> None:
+        """load() from a checkpoint's arrays (untrusted input): UserError naming `owner`
+        (who needs the state) if they are missing or malformed."""
+        ids, rows = arrays.get(f"{self.name}_ids"), arrays.get(f"{self.name}_rows")
+        p = self.num_params
+        if (ids is None or rows is None or ids.dtype != np.int64 or ids.ndim != 1
+                or rows.dtype != _DTYPE or rows.shape != (ids.size, p)
+                or np.unique(ids).size != ids.size):
+            from fedmpi.errors import UserError
+            raise UserError(
+                f"the checkpoint's {self.name}_ids/_rows are missing or malformed, but "
+                f"{owner} needs int64 ids (n,) and float32 rows (n, {p}): the file is damaged "
+                "or from another configuration")
+        self.load({"ids": ids, "rows": rows})
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], *, name: str = "state",
                     spill_dir: str | None = None) -> "ClientStateStore":

@@ -202,3 +202,19 @@ def test_fedavg_sends_p_values_and_nothing_else():
     model = MLP((5, 4, 2))
     a = FedAvg(cfg, model)
     assert a.wire_size == a.values_sent == model.num_params and a.downlink == []
+
+
+def test_checkpoint_round_trip_and_damaged_rows():
+    cfg = from_dict({"algorithm": "scaffold", "clients": 9})
+    model = MLP((5, 4, 2))
+    a = Scaffold(cfg, model)
+    a.c[:] = 0.5
+    a.store.put(7, np.full(model.num_params, 2.0, np.float32))
+    saved = {k: np.array(v) for k, v in a.server_state().items()}
+    b = Scaffold(cfg, model)
+    b.load_server_state(saved)
+    np.testing.assert_array_equal(b.c, a.c)
+    np.testing.assert_array_equal(b.store.get(7), a.store.get(7))
+    saved["scaffold_c_rows"] = saved["scaffold_c_rows"][:, :-1]
+    with pytest.raises(UserError, match="malformed.*SCAFFOLD"):
+        Scaffold(cfg, model).load_server_state(saved)

@@ -98,19 +98,9 @@ class Scaffold(FedAvg):
         return super().server_step(global_params, mean_update)
 
     def server_state(self) -> dict[str, np.ndarray]:
-        rows = self.store.export()
-        return {**super().server_state(), "scaffold_c": self.c,
-                "scaffold_c_ids": rows["ids"], "scaffold_c_rows": rows["rows"]}
+        return {**super().server_state(), "scaffold_c": self.c, **self.store.checkpoint()}
 
     def load_server_state(self, arrays) -> None:
         super().load_server_state(arrays)
         restore(self.c, arrays, "scaffold_c", "SCAFFOLD's server control variate")
-        ids, rows = arrays.get("scaffold_c_ids"), arrays.get("scaffold_c_rows")
-        p = self.model.num_params
-        if (ids is None or rows is None or ids.ndim != 1 or rows.ndim != 2
-                or rows.shape != (ids.shape[0], p)):
-            from fedmpi.errors import UserError
-            raise UserError("the checkpoint's scaffold_c_ids/_rows are missing or malformed, "
-                            "but SCAFFOLD needs every client's control variate: the file is "
-                            "damaged or from another configuration")
-        self.store.load({"ids": ids, "rows": rows})
+        self.store.restore(arrays, "SCAFFOLD")

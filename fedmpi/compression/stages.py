@@ -18,7 +18,6 @@ from fedmpi.compression import codecs, prune
 from fedmpi.compression.error_feedback import compress_with_feedback
 from fedmpi.compression.wire import Key
 from fedmpi.model.mlp import MLP
-from fedmpi.errors import UserError
 from fedmpi.pipeline import Stage, restore
 from fedmpi.state import ClientStateStore
 
@@ -89,26 +88,11 @@ class Compress(Stage):
         codecs.decode(self.codec.encode(update, Key(0, 0, 0)))
 
     def state(self) -> dict[str, np.ndarray]:
-        if self.store is None:
-            return {}
-        arrays = self.store.export()
-        return {f"{self.client_state}_ids": arrays["ids"],
-                f"{self.client_state}_rows": arrays["rows"]}
+        return {} if self.store is None else self.store.checkpoint()
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        if self.store is None:
-            return
-        ids = arrays.get(f"{self.client_state}_ids")
-        rows = arrays.get(f"{self.client_state}_rows")
-        p = self.store.num_params
-        if (ids is None or rows is None or ids.dtype != np.int64 or ids.ndim != 1
-                or rows.dtype != np.float32 or rows.shape != (ids.size, p)
-                or np.unique(ids).size != ids.size):
-            raise UserError(  # checkpoint files are untrusted input
-                f"the checkpoint's {self.client_state}_ids/_rows are missing or malformed, "
-                f"but error feedback needs int64 ids (n,) and float32 rows (n, {p}): the file "
-                "is damaged or from another configuration")
-        self.store.load({"ids": ids, "rows": rows})
+        if self.store is not None:
+            self.store.restore(arrays, "error feedback")
 
 
 class Broadcast(Stage):
