@@ -205,7 +205,7 @@ def test_fedavg_sends_p_values_and_nothing_else():
 
 
 def test_checkpoint_round_trip_and_damaged_rows():
-    cfg = from_dict({"algorithm": "scaffold", "clients": 9})
+    cfg = from_dict({"algorithm": "scaffold", "clients": 9, "clients_per_round": 3})
     model = MLP((5, 4, 2))
     a = Scaffold(cfg, model)
     a.c[:] = 0.5
