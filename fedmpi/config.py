@@ -2,7 +2,8 @@
 
 The resolved Config is frozen and saved (as JSON) with the results, so a
 results file always says exactly how it was made. Precedence: built-in
-defaults < --config FILE.toml < command-line flags.
+defaults < --config FILE.toml < command-line flags; `--resume PATH` puts the
+settings PATH's run was started with between the defaults and the file.
 """
 
 from __future__ import annotations
@@ -476,6 +477,9 @@ def _validate_dp(cfg: Config, need) -> None:
     need(cfg.dp_noise_multiplier is not None or cfg.dp_target_epsilon is not None,
          "--dp-clip needs a noise level: --dp-noise-multiplier Z (0 = clipping only) or "
          "--dp-target-epsilon E")
+    need(cfg.dp_noise_multiplier is None or cfg.dp_target_epsilon is None,
+         "--dp-noise-multiplier and --dp-target-epsilon both set the noise: give one (the "
+         "target's multiplier is solved for the run's --rounds)")
     if cfg.dp_target_epsilon is None:
         need(math.isfinite(cfg.dp_noise_multiplier) and cfg.dp_noise_multiplier >= 0,
              f"--dp-noise-multiplier must be >= 0 (got {cfg.dp_noise_multiplier})")
@@ -656,9 +660,37 @@ def from_dict(values: dict) -> Config:
     return validate(Config(**converted))
 
 
-def parse_args(argv=None) -> Config:
-    """Config from command-line arguments; UserError on anything wrong."""
+def given_values(argv=None) -> dict:
+    """The settings the command line gives, with those of its --config file
+    (flags win), as {field: raw value}; nothing else filled in or checked."""
     ns = vars(build_parser().parse_args(argv))
     values = load_toml(ns.pop("config")) if "config" in ns else {}
     values.update(ns)
-    return from_dict(values)
+    return values
+
+
+def parse_args(argv=None) -> Config:
+    """Config from command-line arguments; UserError on anything wrong."""
+    return from_dict(given_values(argv))
+
+
+# Settings of the run being resumed that `--resume PATH` does not take over:
+# where this segment writes and waits is the command's own business (a spill
+# directory or a timeout of another machine would be wrong here).
+NOT_INHERITED = frozenset(("out", "overwrite", "resume", "round_timeout", "client_state_dir"))
+
+
+def with_saved(saved: dict, given: dict) -> Config:
+    """The settings of a resumed run: those it was started with (`saved`, the
+    file's config), overridden by what this command gives. A setting that
+    changes results and differs from the file is then refused by the caller;
+    a setting this fedmpi does not know (an older version's) is ignored."""
+    given = {name: _convert(name, v) for name, v in given.items()}  # a bad flag: its own error
+    base = {k: v for k, v in saved.items() if k in FIELDS and k not in NOT_INHERITED}
+    if base.get("dp_target_epsilon") is not None:  # the multiplier was solved for the target
+        base.pop("dp_noise_multiplier", None)
+    try:
+        return from_dict({**base, **given})
+    except UserError as e:
+        raise UserError(f"the settings of the run being resumed, with this command's: {e}") \
+            from None

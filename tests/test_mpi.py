@@ -390,6 +390,30 @@ def test_hung_rank_ends_job(run_fedmpi, tmp_path, numba_warm):
     np.testing.assert_array_equal(read_run(str(out))["rounds"]["round"], [1, 2, 3, 4, 5])
 
 
+@requires_mpiexec
+def test_dp_target_epsilon_run_resumes_with_its_solved_noise(run_fedmpi, tmp_path, numba_warm):
+    """A --dp-target-epsilon run stopped by the watchdog resumes (as a requeued job
+    does: the same command with --resume auto) with the noise multiplier solved at
+    its start, and ends bitwise equal to an uninterrupted run; extending it to more
+    rounds than its budget was solved for is refused."""
+    ref, out = tmp_path / "ref.h5", tmp_path / "run.h5"
+    args = SMALL_SYNTHETIC + ["--rounds", "5", "--round-timeout", "2", "--dp-clip", "1",
+                              "--dp-target-epsilon", "20"]
+    assert run_fedmpi(args + ["--out", ref], ranks=3, timeout=60).returncode == 0
+    res = run_fedmpi(args + ["--out", out], ranks=3, timeout=60,
+                     env={"FEDMPI_TEST_HANG_RANK": "2:4"})
+    assert res.returncode == 1, describe(res)
+    assert read_checkpoint(str(out))[1] == 3
+    res = run_fedmpi(args + ["--out", out, "--resume", "auto"], ranks=3, timeout=60)
+    assert res.returncode == 0, describe(res)
+    a, b = read_run(str(ref)), read_run(str(out))
+    assert np.array_equal(a["params"].view(np.uint32), b["params"].view(np.uint32))
+    assert np.array_equal(a["rounds"]["epsilon"], b["rounds"]["epsilon"])
+    assert a["config"]["dp_noise_multiplier"] == b["config"]["dp_noise_multiplier"] > 0
+    res = run_fedmpi(args[:-6] + ["--rounds", "6", "--resume", out], timeout=60)
+    assert res.returncode == 2 and "another privacy budget" in res.stderr, describe(res)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_single_process(start_fedmpi, tmp_path, numba_warm, sig):
     out = tmp_path / "run.h5"

@@ -119,6 +119,32 @@ def test_resume_refuses_a_different_config(tmp_path):
     _one_error_line(r, "lr", "seed")
 
 
+def test_resume_path_keeps_the_runs_own_settings(tmp_path):
+    """--resume PATH alone continues the run as it was started: settings the command
+    leaves out come from the file (not the defaults); those it gives must match."""
+    own = [*SMALL, "--lr", "0.2", "--seed", "4", "--batch-size", "5", "--server-optimizer",
+           "adam", "--server-lr", "0.01"]
+    ref, out = tmp_path / "ref.h5", tmp_path / "run.h5"
+    run = [sys.executable, "-m", "fedmpi"]
+    assert subprocess.run([*run, *own, "--rounds", "4", "--out", str(ref)],
+                          capture_output=True, timeout=120).returncode == 0
+    assert subprocess.run([*run, *own, "--rounds", "2", "--out", str(out)],
+                          capture_output=True, timeout=120).returncode == 0
+    r = subprocess.run([*run, "--resume", str(out), "--rounds", "4"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _same_run(ref, out)
+    with h5py.File(out, "r") as f, h5py.File(ref, "r") as g:
+        mine, theirs = json.loads(f.attrs["config"]), json.loads(g.attrs["config"])
+        assert {k: v for k, v in mine.items() if k not in ("out", "resume")} == \
+            {k: v for k, v in theirs.items() if k not in ("out", "resume")}
+    # a setting given that differs from the run's is refused, with what to do
+    line = _one_error_line(subprocess.run([*run, "--resume", str(out), "--rounds", "5",
+                                           "--lr", "0.1"], capture_output=True, text=True,
+                                          timeout=120), "lr", "0.2", "0.1")
+    assert "leave such settings out" in line
+
+
 def test_extension_equals_uninterrupted_run_and_records_segments(tmp_path):
     ref, out = tmp_path / "ref.h5", tmp_path / "run.h5"
     assert _fedmpi("--rounds", 5, "--out", ref).returncode == 0

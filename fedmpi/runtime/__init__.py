@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
     from mpi4py import MPI  # MPI_Init
 
     timings.mark("MPI init")
-    from fedmpi.config import build_parser, parse_args
+    from fedmpi.config import build_parser, given_values
     from fedmpi.runtime.comm import Hung
     from fedmpi.runtime.loop import run
 
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None, comm=None) -> int:
         return 0
     signals.install(defer=not root)  # a worker's stop goes through rank 0 (signals.py)
     try:
-        cfg = parse_args(argv)
-        run(cfg, comm, argv)
+        run(given_values(argv), comm, argv)
         timings.report(comm)
         return 0
     except UserError as e:

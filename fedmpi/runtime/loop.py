@@ -66,29 +66,37 @@ def _default_out() -> str:
     return path
 
 
-def _plan_output(cfg: Config):
-    """(results path, checkpoint to continue from or None, replace an old file?); rank 0.
+def _plan_output(given: dict):
+    """(the run's Config, results path, checkpoint to continue from or None, replace
+    an old file?) from the settings the command gives (config.given_values); rank 0.
 
     Without --resume: a new file at --out. With --resume PATH: continue PATH,
-    which must hold a checkpoint of the same configuration. With --resume
-    auto: continue --out if it holds a checkpoint, else start afresh there.
+    with the settings its run was started with where the command gives none;
+    those it gives must not change results. With --resume auto: continue --out
+    if it holds a checkpoint of the same configuration, else start afresh there
+    (a job script restates its whole command each time).
     """
+    from fedmpi.config import from_dict, with_saved
     from fedmpi.results import check_output_path, read_checkpoint, read_run, require_regular_file
 
-    if cfg.resume is None:
+    resume, given_out = given.get("resume"), given.get("out")
+    if resume is None:
+        cfg = from_dict(given)
         out = cfg.out or _default_out()
         check_output_path(out, cfg.overwrite)
-        return out, None, cfg.overwrite
-    auto = cfg.resume == "auto"
-    out = cfg.out if auto else cfg.resume
-    if not auto and cfg.out is not None and os.path.abspath(cfg.out) != os.path.abspath(out):
-        raise UserError(f"--out {cfg.out} and --resume {cfg.resume} name different files: "
+        return cfg, out, None, cfg.overwrite
+    auto = resume == "auto"
+    out = given_out if auto else resume
+    if not auto and given_out is not None and os.path.abspath(given_out) != os.path.abspath(out):
+        raise UserError(f"--out {given_out} and --resume {resume} name different files: "
                         "a resumed run continues in the file it resumes")
+    if auto:
+        cfg = from_dict(given)
     require_regular_file(out)  # before any open: a FIFO would block it forever
     if not os.path.exists(out):
         if auto:
             check_output_path(out, False)
-            return out, None, False
+            return cfg, out, None, False
         raise UserError(f"--resume {out}: no such file")
     try:
         ckpt = read_checkpoint(out)
@@ -100,26 +108,50 @@ def _plan_output(cfg: Config):
             raise UserError(f"--resume {out}: the file holds no checkpoint; start the run "
                             "afresh (--resume auto does that by itself)")
         # only replace a fedmpi results file, and only one of this same run
-        _refuse_other_config(cfg, out, read_run(out)["config"])
+        _refuse_other_config(cfg, out, read_run(out)["config"], "give the run's own settings")
         check_output_path(out, True)
-        return out, None, True
+        return cfg, out, None, True
     saved, done, _ = ckpt
-    _refuse_other_config(cfg, out, saved)
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {out}: its config attribute is not a JSON object")
+    if not auto:
+        cfg = with_saved(saved, given)
+    cfg = _keep_solved_noise(cfg, saved, out)
+    _refuse_other_config(cfg, out, saved, "give the run's own settings" if auto else
+                         "leave such settings out (the run keeps its own)")
     if cfg.rounds < done:
         raise UserError(f"cannot resume {out} with --rounds {cfg.rounds}: it holds {done} "
                         f"rounds already; give --rounds {done} or more")
-    return out, ckpt, False
+    return cfg, out, ckpt, False
 
 
-def _refuse_other_config(cfg: Config, out: str, saved) -> None:
+def _keep_solved_noise(cfg: Config, saved: dict, out: str) -> Config:
+    """A run with --dp-target-epsilon continues with the noise multiplier solved for
+    it at its start (the file's config records it), not one solved again."""
+    if cfg.dp_target_epsilon is None or saved.get("dp_target_epsilon") != cfg.dp_target_epsilon:
+        return cfg  # no target, or another one: the comparison below refuses that
+    if saved.get("rounds") != cfg.rounds:
+        raise UserError(
+            f"cannot resume {out} with --rounds {cfg.rounds}: its noise multiplier "
+            f"{saved.get('dp_noise_multiplier')!r} was solved to reach --dp-target-epsilon "
+            f"{cfg.dp_target_epsilon:g} after {saved.get('rounds')} rounds, and other rounds "
+            "would spend another privacy budget; give --rounds "
+            f"{saved.get('rounds')} or start a new run")
+    return dataclasses.replace(cfg, dp_noise_multiplier=saved.get("dp_noise_multiplier"))
+
+
+def _refuse_other_config(cfg: Config, out: str, saved, fix: str) -> None:
     if not isinstance(saved, dict):
         raise UserError(f"cannot resume {out}: its config attribute is not a JSON object")
+    cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())  # the file's is resolved
     diff = cfg.differences(saved)
+    if cfg.dp_target_epsilon is not None:  # the multiplier follows from the target (compared)
+        diff = [k for k in diff if k != "dp_noise_multiplier"]
     if diff:
         mine = cfg.to_dict()
         raise UserError(f"cannot resume {out}: the configuration differs in "
                         + ", ".join(f"{k} (file {saved.get(k)!r}, now {mine[k]!r})" for k in diff)
-                        + "; give the run's own settings or start a new run")
+                        + f"; {fix} or start a new run")
 
 
 def _load_shared(cfg: Config, comm: MPI.Comm):
@@ -166,8 +198,8 @@ def _load_shared(cfg: Config, comm: MPI.Comm):
 
 def _solve_noise(cfg: Config, comm: MPI.Comm) -> Config:
     """--dp-target-epsilon: the noise multiplier that reaches it, solved on rank 0."""
-    if cfg.dp_clip is None or cfg.dp_target_epsilon is None:
-        return cfg
+    if cfg.dp_clip is None or cfg.dp_target_epsilon is None or cfg.dp_noise_multiplier is not None:
+        return cfg  # no target, or a resumed run's multiplier (solved at its start)
     from fedmpi.privacy.accounting import solve_noise_multiplier
 
     z, error = None, None
@@ -286,21 +318,23 @@ class _Evaluator:
                 float(total[:, 0].sum() / self.num_test))
 
 
-def run(cfg: Config, comm: MPI.Comm, argv: list[str] | None = None) -> None:
-    """Run the federated job described by `cfg` on `comm`."""
+def run(given: dict, comm: MPI.Comm, argv: list[str] | None = None) -> None:
+    """Run the federated job the command's settings (config.given_values) describe
+    on `comm`."""
     rank, size = comm.rank, comm.size
     root = rank == 0  # this rank aggregates, writes results and prints
     workers = list(range(1, size)) if size > 1 else [0]
 
-    cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())
-    out, ckpt, replace, error = None, None, False, None
+    cfg, ckpt, replace, error = None, None, False, None
     if root:
         try:
-            out, ckpt, replace = _plan_output(cfg)
+            cfg, out, ckpt, replace = _plan_output(given)
+            cfg = dataclasses.replace(cfg, out=out)
         except UserError as e:
             error = str(e)
     C.agree(comm, error)
-    cfg = dataclasses.replace(cfg, out=comm.bcast(out, root=0))
+    cfg = comm.bcast(cfg, root=0)  # small control data; with --resume PATH the file's settings
+    cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())
     C.check_ranks_per_node(comm)
     cfg = _solve_noise(cfg, comm)
     timings.mark("plan output")
