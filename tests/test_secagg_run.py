@@ -26,9 +26,10 @@ SAME = ("test_accuracy", "test_loss", "train_loss", "num_clients", "num_sampled"
         "fixed_point_coarse")
 
 
-def _run(tmp_path, name, args, ranks=1):
+def _run(tmp_path, name, args, ranks=1, env=None):
     out = tmp_path / f"{name}.h5"
-    res = launch_fedmpi([*args, "--out", str(out)], ranks=ranks, cwd=tmp_path, timeout=300)
+    res = launch_fedmpi([*args, "--out", str(out)], ranks=ranks, cwd=tmp_path, timeout=300,
+                        env=env)
     assert res.returncode == 0, describe(res)
     return out
 
@@ -54,6 +55,16 @@ def plain(tmp_path_factory, numba_warm):
             cache[dropout] = _run(d, "none", [*BASE, "--dropout-rate", str(dropout)])
         return cache[dropout]
     return get
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+def test_masked_sum_between_nodes_wraps_exactly(tmp_path, plain):
+    """5 ranks cut into 'nodes' of 2, 2 and 1: the node leaders add the masked sums
+    (uniform in Z_2^64, so the additions overflow) with a Reduce between them; the
+    model is still bitwise the plain run's."""
+    out = _run(tmp_path, "nodes", [*BASE, "--secure-aggregation", "secagg"], 5,
+               env={"FEDMPI_RANKS_PER_NODE": "2"})
+    _assert_same_run(plain(0.0), out)
 
 
 @pytest.mark.parametrize("mode,ranks,dropout", [("secagg", 1, 0.0), ("secagg", 3, 0.2), ("secagg", 8, 0.0),

@@ -365,7 +365,12 @@ class NodeShared:
         self._fence()
         if self.leaders != MPI.COMM_NULL:
             if self.leaders.size > 1:
-                wait(self.leaders.Ireduce(self.total, out, op=MPI.SUM, root=0), SHORT)
+                # as uint64: MPI's unsigned sum wraps modulo 2^64 by definition (a
+                # masked sum needs that), where signed overflow is undefined in C;
+                # two's complement makes it the same bits as the int64 sum
+                wait(self.leaders.Ireduce(self.total.view(np.uint64),
+                                          None if out is None else out.view(np.uint64),
+                                          op=MPI.SUM, root=0), SHORT)
             elif out is not None:
                 out[:] = self.total
 
