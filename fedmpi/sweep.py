@@ -7,6 +7,7 @@
     python -m fedmpi.sweep args GRID.toml TASK     # fedmpi's flags for task TASK (shell-quoted)
     python -m fedmpi.sweep status GRID.toml        # done / incomplete / missing per task
     python -m fedmpi.sweep submit GRID.toml        # the sbatch command that runs the sweep
+    python -m fedmpi.sweep run GRID.toml -n 8      # or run the unfinished tasks here, in turn
 
 A grid file is TOML::
 
@@ -29,6 +30,11 @@ grid keys in file order, the last key varying fastest. Task
 Relative paths (out_dir, data paths) are relative to the current directory:
 the directory the array job is submitted from.
 
+``run`` is the sweep without SLURM (a laptop, a workstation, an interactive
+allocation): the tasks that are not done, one after another, each under
+``mpiexec -n N`` (or in one process); Ctrl-C stops the running task at its next
+round, with a checkpoint, and running it again continues where it stopped.
+
 Bad input gets one line ``fedmpi-sweep: error: <what is wrong>`` on stderr and
 exit status 2. ``status`` exits 0 only if every task is done, else 1.
 """
@@ -41,7 +47,11 @@ import itertools
 import os
 import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from fedmpi.cli import ArgumentParser, run_tool
@@ -283,6 +293,114 @@ def submit_command(grid: Grid, indices: list[int], *, script: str | None = None,
     return cmd + [script or default_script(), grid.path]
 
 
+# -- running here -----------------------------------------------------------------
+
+def find_mpiexec() -> str | None:
+    """mpiexec beside this Python first (pip's mpich in the venv), then on PATH."""
+    return (shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+            or shutil.which("mpiexec"))
+
+
+def run_command(task: Task, ranks: int, mpiexec: str | None) -> list[str]:
+    """The command that runs `task` on `ranks` MPI ranks of this machine."""
+    cmd = [sys.executable, "-m", "fedmpi", *task_flags(task)]
+    return cmd if ranks == 1 else [mpiexec, "-n", str(ranks), *cmd]
+
+
+def log_path(task: Task) -> str:
+    """Where `run` writes the task's output: beside its results, .log for .h5."""
+    return os.path.splitext(task.out)[0] + ".log"
+
+
+def _run_task(cmd: list[str], log) -> tuple[int, bool]:
+    """(exit status, stopped?) of `cmd`, run to its end with its output to `log`.
+
+    Ctrl-C reaches the whole foreground process group, so fedmpi gets it
+    too and stops after its round with a checkpoint: wait for that rather
+    than kill it. A SIGTERM sent to this process alone is passed on.
+    """
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    stopped = False
+
+    def forward(signum, frame):
+        nonlocal stopped
+        stopped = True
+        proc.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return proc.wait(), stopped
+            except KeyboardInterrupt:
+                stopped = True
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _last_error(path: str) -> str:
+    """The last line of a task's log that fedmpi or MPI wrote about a failure."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return f"see {path}"
+    for line in reversed(lines):
+        if line.startswith("fedmpi") or "error" in line.lower():
+            return line
+    return lines[-1] if lines else f"no output; see {path}"
+
+
+def _outcome(task: Task) -> str:
+    """'done, test accuracy 0.8312 after 200 rounds' from the task's results file."""
+    from fedmpi.reading import read_meta
+
+    try:
+        rounds = read_meta(task.out)["rounds"]
+        acc = [a for a in rounds.get("test_accuracy", []) if a == a]  # NaN: not evaluated
+    except (UserError, KeyError):
+        return "done"
+    return f"done, test accuracy {acc[-1]:.4f}" if acc else "done"
+
+
+def run_here(grid: Grid, ranks: int) -> int:
+    """Run the grid's unfinished tasks in turn on this machine; the exit status."""
+    mpiexec = find_mpiexec() if ranks > 1 else None
+    if ranks > 1 and mpiexec is None:
+        raise UserError(f"-n {ranks} needs mpiexec, and there is none beside {sys.executable} "
+                        "or on PATH: pip install mpich (or load your MPI), or run with -n 1")
+    tasks = expand(grid)
+    todo = [t for t in tasks if task_status(t).state != "done"]
+    print(f"sweep {grid.name}: {len(tasks) - len(todo)} of {len(tasks)} tasks done; running "
+          f"{len(todo)} on {ranks} rank(s) each", flush=True)
+    failed = []
+    for n, t in enumerate(todo, 1):
+        print(f"[{n}/{len(todo)}] task {t.index} {t.name}: ", end="", flush=True)
+        os.makedirs(os.path.dirname(t.out) or ".", exist_ok=True)
+        t0 = time.monotonic()
+        with open(log_path(t), "a") as log:  # a resumed task adds to its log
+            status, stopped = _run_task(run_command(t, ranks, mpiexec), log)
+        seconds = time.monotonic() - t0
+        # fedmpi exits 128 + N when a signal N stopped it (also one this process ignored)
+        if stopped or status in {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}:
+            print("stopped", flush=True)
+            print(f"sweep {grid.name}: stopped in task {t.index}, its last checkpoint kept; "
+                  "run the same command again to continue", file=sys.stderr, flush=True)
+            return 130
+        if status != 0:
+            failed.append(t.index)
+            print(f"failed (exit status {status}): {_last_error(log_path(t))}", flush=True)
+            continue
+        print(f"{_outcome(t)} in {seconds:.1f} s [{t.out}]", flush=True)
+    if failed:
+        print(f"sweep {grid.name}: {len(failed)} task(s) failed: "
+              f"{', '.join(map(str, failed))} (their .log files beside the results say why)",
+              file=sys.stderr)
+        return 1
+    print(f"sweep {grid.name}: all {len(tasks)} tasks done", flush=True)
+    return 0
+
+
 # -- command line --------------------------------------------------------------
 
 def _positive(text: str) -> int:
@@ -327,6 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unfinished", action="store_true",
                    help="only the tasks that are not done (see status)")
     s.set_defaults(func=_cmd_submit)
+    s = sub.add_parser("run", help="run the unfinished tasks here, one after another",
+                       description="run the tasks that are not done on this machine, one "
+                                   "after another, each under mpiexec -n N (SLURM not "
+                                   "needed); Ctrl-C stops with a checkpoint and running "
+                                   "again continues")
+    s.add_argument("grid", metavar="GRID.toml")
+    s.add_argument("-n", "--ranks", type=_positive, default=1, metavar="N",
+                   help="MPI ranks per task (default: 1, one process without mpiexec)")
+    s.set_defaults(func=_cmd_run)
     return p
 
 
@@ -379,6 +506,10 @@ def _cmd_submit(args) -> int:
     print(shlex.join(submit_command(grid, indices, script=args.script,
                                     parallel=args.parallel, ntasks=args.ntasks)))
     return 0
+
+
+def _cmd_run(args) -> int:
+    return run_here(load_grid(args.grid), args.ranks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,11 @@
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -298,3 +300,90 @@ def test_status_exits_0_when_all_tasks_are_done(tmp_path):
     assert res.stdout.splitlines()[-1] == "sweep g: 2 tasks: 2 done"
     res = cli("submit", "g.toml", "--unfinished", cwd=tmp_path)
     assert res.returncode == 0 and res.stdout == "" and "all 2 tasks" in res.stderr
+
+
+# -- run: the sweep without SLURM ----------------------------------------------------
+
+def _sweep_proc(*args, cwd):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-m", "fedmpi.sweep", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env)
+
+
+def test_run_runs_the_unfinished_tasks_in_turn_and_goes_on_after_a_failure(tmp_path):
+    write(tmp_path / "g.toml", """\
+        name = "here"
+        out_dir = "runs"
+        [base]
+        clients = 8
+        clients-per-round = 3
+        rounds = 2
+        hidden = [8]
+        [grid]
+        dataset = ["synthetic", "npz:missing.npz"]
+        seed = [0, 1]
+        """)
+    tasks = sweep.expand(sweep.load_grid(str(tmp_path / "g.toml")))
+    _run_fedmpi(sweep.task_flags(tasks[1]), tmp_path)  # task 1 is done already
+    before = (tmp_path / tasks[1].out).read_bytes()
+    res = cli("run", "g.toml", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "sweep here: 1 of 4 tasks done; running 3 on 1 rank(s) each"
+    assert lines[1].startswith("[1/3] task 0 dataset=synthetic,seed=0: done, test accuracy 0.")
+    assert lines[2].startswith("[2/3] task 2 dataset=npz:missing.npz,seed=0: failed (exit "
+                               "status 2): fedmpi: error: npz data set missing.npz")
+    assert lines[3].startswith("[3/3] task 3 ")
+    assert "2 task(s) failed: 2, 3" in res.stderr
+    assert (tmp_path / tasks[1].out).read_bytes() == before  # a done task is not run again
+    run = read_run(str(tmp_path / tasks[0].out))
+    assert len(run["rounds"]["round"]) == 2 and run["params"] is not None
+    # the task's own output went to its log, beside its results
+    assert "results written to runs/" in (tmp_path / "runs" / "dataset-synthetic_seed-0.log"
+                                          ).read_text()
+    assert "Traceback" not in (tmp_path / "runs" / "dataset-npz+missing.npz_seed-0.log"
+                               ).read_text()
+
+
+def test_run_stops_with_a_checkpoint_and_continues_when_run_again(tmp_path):
+    write(tmp_path / "g.toml", """\
+        out_dir = "runs"
+        [base]
+        clients = 8
+        clients-per-round = 3
+        rounds = 400
+        hidden = [8]
+        [grid]
+        seed = [0]
+        """)
+    task = sweep.expand(sweep.load_grid(str(tmp_path / "g.toml")))[0]
+    out = tmp_path / task.out
+    p = _sweep_proc("run", "g.toml", cwd=tmp_path)
+    deadline = time.time() + 120
+    while _rounds_in(out) < 2:  # a SIGTERM to the runner alone (kill PID) is passed on
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stdout + stderr
+    assert "stopped in task 0, its last checkpoint kept" in stderr
+    done = _rounds_in(out)
+    assert 2 <= done < 400
+    res = cli("run", "g.toml", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-1] == "sweep g: all 1 tasks done"
+    assert f"resuming runs/seed-0.h5 after round {done}" in (tmp_path / "runs/seed-0.log").read_text()
+    assert len(read_run(str(out))["rounds"]["round"]) == 400
+
+
+def _rounds_in(path):
+    """Rounds a running job has written (0 while the file is new or mid-update)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return len(f["rounds/round"]) if "round" in f["rounds"] else 0
+    except Exception:  # noqa: BLE001 -- a file being written can read as anything
+        return 0
