@@ -8,6 +8,12 @@ such quantity for every client that has one, keyed by client id:
   of which 10 train per round, after 100 rounds at most 1,000 hold a row;
 - a row costs 4 * P bytes (796,840 B for the 784-200-200-10 MLP, so 10,000
   clients would take 7.97 GB); `describe()` prints this;
+- given `max_rows` (the number of clients), the in-memory store reserves
+  address space for all of them at once, without committing memory
+  (MAP_NORESERVE: a page costs RAM when first written), so it never grows by
+  copying -- doubling an array of 2,000 rows meant 3.2 GB at the moment of the
+  copy for 1.6 GB of rows; where the kernel refuses such a reservation
+  (strict overcommit), it falls back to doubling;
 - memory is bounded by `spill_dir`: rows then live in a sparse file mapped
   with np.memmap, so RAM holds only the pages in use and the operating system
   writes the rest to disk. We chose this over float16 rows because it keeps
@@ -23,6 +29,7 @@ that train them (`take`) and back (`put_many`).
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -42,14 +49,28 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f} B" if unit == "B" else f"{n:.3g} {unit}"
 
 
+def _reserve(rows: int, cols: int) -> np.ndarray | None:
+    """A zero (rows, cols) float32 array in reserved, uncommitted memory, or None
+    where the system refuses the reservation."""
+    flags = getattr(mmap, "MAP_NORESERVE", 0)
+    try:
+        mm = mmap.mmap(-1, rows * cols * _DTYPE.itemsize,
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    except (OSError, ValueError, AttributeError, OverflowError):
+        return None
+    return np.frombuffer(mm, _DTYPE).reshape(rows, cols)  # keeps `mm` alive as its base
+
+
 class ClientStateStore:
     """float32 rows of `num_params` values keyed by client id, allocated on first write."""
 
-    def __init__(self, num_params: int, *, name: str = "state", spill_dir: str | None = None):
+    def __init__(self, num_params: int, *, name: str = "state", spill_dir: str | None = None,
+                 max_rows: int | None = None):
         if num_params < 1:
             raise ValueError(f"num_params must be positive, got {num_params}")
         self.num_params = int(num_params)
         self.name = name
+        self.max_rows = max_rows  # at most this many clients will hold a row (None: unknown)
         self._slot: dict[int, int] = {}  # client id -> row of self._rows
         self._ids: list[int] = []  # slot -> client id (insertion order)
         self._spill_dir = spill_dir
@@ -70,9 +91,13 @@ class ClientStateStore:
             return
         new = max(_MIN_CAPACITY, 2 * capacity, rows_needed)
         if self._spill_dir is None:
-            # np.zeros maps fresh zero pages: unused capacity costs no RAM.
-            rows = np.zeros((new, self.num_params), _DTYPE)
-            rows[:capacity] = self._rows
+            rows = None
+            if capacity == 0 and self.max_rows is not None and rows_needed <= self.max_rows:
+                rows = _reserve(self.max_rows, self.num_params)
+            if rows is None:
+                # np.zeros maps fresh zero pages: unused capacity costs no RAM.
+                rows = np.zeros((new, self.num_params), _DTYPE)
+                rows[:capacity] = self._rows
         else:
             if self._dir is None:
                 self._dir = tempfile.mkdtemp(prefix=f"fedmpi-{self.name}-", dir=self._spill_dir)
@@ -197,8 +222,10 @@ class ClientStateStore:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], *, name: str = "state",
-                    spill_dir: str | None = None) -> "ClientStateStore":
-        store = cls(np.asarray(arrays["rows"]).shape[1], name=name, spill_dir=spill_dir)
+                    spill_dir: str | None = None,
+                    max_rows: int | None = None) -> "ClientStateStore":
+        store = cls(np.asarray(arrays["rows"]).shape[1], name=name, spill_dir=spill_dir,
+                    max_rows=max_rows)
         store.load(arrays)
         return store
 

@@ -11,6 +11,7 @@ from fedmpi.compression import codecs as C
 from fedmpi.compression.error_feedback import compress_with_feedback, needs_feedback
 from fedmpi.compression import prune
 from fedmpi.model.mlp import MLP
+from fedmpi import state as state_module
 from fedmpi.state import ClientStateStore
 
 KEY = C.Key(seed=7, round=3, client=11)
@@ -269,14 +270,22 @@ def test_error_feedback_topk_residual_is_what_was_dropped():
 
 # -- client-state store ---------------------------------------------------------
 
-@pytest.mark.parametrize("spill", [False, True])
-def test_store_lazy_rows_and_checkpoint_round_trip(tmp_path, spill):
+@pytest.mark.parametrize("mode", ["grow", "reserve", "refused", "spill"])
+def test_store_lazy_rows_and_checkpoint_round_trip(tmp_path, monkeypatch, mode):
+    """grow: doubling arrays; reserve: max_rows known, address space for all of them
+    reserved up front; refused: the system refuses that reservation (strict
+    overcommit), so the store grows; spill: a memory-mapped file."""
     p = 50
-    store = ClientStateStore(p, name="ef", spill_dir=str(tmp_path) if spill else None)
+    spill = mode == "spill"
+    if mode == "refused":
+        monkeypatch.setattr(state_module, "_reserve", lambda rows, cols: None)
+    store = ClientStateStore(p, name="ef", spill_dir=str(tmp_path) if spill else None,
+                             max_rows=100 if mode in ("reserve", "refused") else None)
     assert len(store) == 0 and store.get(3) is None and store.nbytes == 0
     rows = {cid: _vec(p, seed=cid) for cid in (9, 3, 40, 17)}
     for cid in list(rows)[:2]:
         store.put(cid, rows[cid])
+    first = store.get(9).__array_interface__["data"][0]
     assert len(store) == 2 and 40 not in store
     taken, has = store.take([40, 3, 9])
     assert has.tolist() == [False, True, True]
@@ -288,6 +297,8 @@ def test_store_lazy_rows_and_checkpoint_round_trip(tmp_path, spill):
         rows[cid] = np.full(p, cid, np.float32)
     assert store.ids().tolist() == sorted(rows)
     assert store.nbytes == len(rows) * 4 * p
+    # a reserved store never moves its rows (no copy as it fills); the others do
+    assert (store.get(9).__array_interface__["data"][0] == first) == (mode == "reserve")
     arrays = {k: np.array(v) for k, v in store.export().items()}  # as a checkpoint keeps them
     again = ClientStateStore.from_arrays(arrays, name="ef")
     for cid, row in rows.items():

@@ -45,7 +45,8 @@ class Scaffold(FedAvg):
         self.wire_size = self.side_offset + p
         self.values_sent = 2 * p  # Delta y and Delta c (the padding is not sent: bytes_up)
         self.c = np.zeros(p, np.float32)  # the server's control variate, on every rank
-        self.store = ClientStateStore(p, name=self.client_state, spill_dir=cfg.client_state_dir)
+        self.store = ClientStateStore(p, name=self.client_state, spill_dir=cfg.client_state_dir,
+                                      max_rows=cfg.clients)
         self.description = (f"SCAFFOLD (option II): control variates {self.store.describe(cfg.clients)}"
                             "; --client-state-dir DIR keeps them on disk")
         self._wire = None

@@ -68,7 +68,7 @@ class Compress(Stage):
             self.client_state = "ef_residual"
             # Rows only for clients that have trained; used on rank 0 only.
             self.store = ClientStateStore(model.num_params, name=self.client_state,
-                                          spill_dir=cfg.client_state_dir)
+                                          spill_dir=cfg.client_state_dir, max_rows=cfg.clients)
             self.description += (f", error feedback ({self.store.describe(cfg.clients)}; "
                                  "--client-state-dir DIR keeps them on disk)")
 
