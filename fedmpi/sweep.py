@@ -7,7 +7,7 @@
     python -m fedmpi.sweep args GRID.toml TASK     # fedmpi's flags for task TASK (shell-quoted)
     python -m fedmpi.sweep status GRID.toml        # done / incomplete / missing per task
     python -m fedmpi.sweep submit GRID.toml        # the sbatch command that runs the sweep
-    python -m fedmpi.sweep run GRID.toml -n 8      # or run the unfinished tasks here, in turn
+    python -m fedmpi.sweep run GRID.toml -n 8      # or run the unfinished tasks here
 
 A grid file is TOML::
 
@@ -31,7 +31,7 @@ Relative paths (out_dir, data paths) are relative to the current directory:
 the directory the array job is submitted from.
 
 ``run`` is the sweep without SLURM (a laptop, a workstation, an interactive
-allocation): the tasks that are not done, one after another, each under
+allocation): the tasks that are not done, one after another (or K at a time), each under
 ``mpiexec -n N`` (or in one process); Ctrl-C stops the running task at its next
 round, with a checkpoint, and running it again continues where it stopped.
 
@@ -312,32 +312,6 @@ def log_path(task: Task) -> str:
     return os.path.splitext(task.out)[0] + ".log"
 
 
-def _run_task(cmd: list[str], log) -> tuple[int, bool]:
-    """(exit status, stopped?) of `cmd`, run to its end with its output to `log`.
-
-    Ctrl-C reaches the whole foreground process group, so fedmpi gets it
-    too and stops after its round with a checkpoint: wait for that rather
-    than kill it. A SIGTERM sent to this process alone is passed on.
-    """
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    stopped = False
-
-    def forward(signum, frame):
-        nonlocal stopped
-        stopped = True
-        proc.send_signal(signum)
-
-    old = signal.signal(signal.SIGTERM, forward)
-    try:
-        while True:
-            try:
-                return proc.wait(), stopped
-            except KeyboardInterrupt:
-                stopped = True
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _last_error(path: str) -> str:
     """The last line of a task's log that fedmpi or MPI wrote about a failure."""
     try:
@@ -363,8 +337,18 @@ def _outcome(task: Task) -> str:
     return f"done, test accuracy {acc[-1]:.4f}" if acc else "done"
 
 
-def run_here(grid: Grid, ranks: int) -> int:
-    """Run the grid's unfinished tasks in turn on this machine; the exit status."""
+_STOP_STATUSES = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+
+def run_here(grid: Grid, ranks: int, parallel: int = 1) -> int:
+    """Run the grid's unfinished tasks on this machine, `parallel` at a time, each on
+    `ranks` MPI ranks; the exit status (0: all done, 1: some failed, 130: stopped).
+
+    Ctrl-C reaches the whole foreground process group, so the running fedmpi
+    jobs get it too and stop after their round with a checkpoint: wait for
+    them rather than kill them, and start no more. A SIGTERM sent to this
+    process alone is passed on to them.
+    """
     mpiexec = find_mpiexec() if ranks > 1 else None
     if ranks > 1 and mpiexec is None:
         raise UserError(f"-n {ranks} needs mpiexec, and there is none beside {sys.executable} "
@@ -372,30 +356,62 @@ def run_here(grid: Grid, ranks: int) -> int:
     tasks = expand(grid)
     todo = [t for t in tasks if task_status(t).state != "done"]
     print(f"sweep {grid.name}: {len(tasks) - len(todo)} of {len(tasks)} tasks done; running "
-          f"{len(todo)} on {ranks} rank(s) each", flush=True)
-    failed = []
-    for n, t in enumerate(todo, 1):
-        print(f"[{n}/{len(todo)}] task {t.index} {t.name}: ", end="", flush=True)
-        os.makedirs(os.path.dirname(t.out) or ".", exist_ok=True)
-        t0 = time.monotonic()
-        with open(log_path(t), "a") as log:  # a resumed task adds to its log
-            status, stopped = _run_task(run_command(t, ranks, mpiexec), log)
-        seconds = time.monotonic() - t0
-        # fedmpi exits 128 + N when a signal N stopped it (also one this process ignored)
-        if stopped or status in {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}:
-            print("stopped", flush=True)
-            print(f"sweep {grid.name}: stopped in task {t.index}, its last checkpoint kept; "
-                  "run the same command again to continue", file=sys.stderr, flush=True)
-            return 130
-        if status != 0:
-            failed.append(t.index)
-            print(f"failed (exit status {status}): {_last_error(log_path(t))}", flush=True)
-            continue
-        print(f"{_outcome(t)} in {seconds:.1f} s [{t.out}]", flush=True)
+          f"{len(todo)} on {ranks} rank(s) each, {parallel} at a time", flush=True)
+    queue = list(enumerate(todo, 1))
+    running: dict[subprocess.Popen, tuple] = {}
+    failed, stopped = [], False
+
+    def forward(signum, frame):
+        nonlocal stopped
+        stopped = True
+        for proc in running:
+            proc.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while queue or running:
+            while queue and len(running) < parallel and not stopped:
+                n, t = queue.pop(0)
+                label = f"[{n}/{len(todo)}] task {t.index} {t.name}: "
+                os.makedirs(os.path.dirname(t.out) or ".", exist_ok=True)
+                log = open(log_path(t), "a")  # a resumed task adds to its log
+                proc = subprocess.Popen(run_command(t, ranks, mpiexec), stdout=log,
+                                        stderr=subprocess.STDOUT)
+                running[proc] = (label, t, time.monotonic(), log)
+                if parallel == 1:  # one at a time: say what runs now, the outcome later
+                    print(label, end="", flush=True)
+            try:
+                next(iter(running)).wait(timeout=0.1 if parallel > 1 else None)
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:
+                stopped = True
+            for proc in [p for p in running if p.poll() is not None]:
+                label, t, t0, log = running.pop(proc)
+                log.close()
+                head = label if parallel > 1 else ""
+                # fedmpi exits 128 + N when a signal N stopped it (also one this process
+                # ignored, as a background job of a shell ignores Ctrl-C)
+                if proc.returncode in _STOP_STATUSES:
+                    stopped = True
+                    print(f"{head}stopped (its last checkpoint is kept)", flush=True)
+                elif proc.returncode != 0:
+                    failed.append(t.index)
+                    print(f"{head}failed (exit status {proc.returncode}): "
+                          f"{_last_error(log_path(t))}", flush=True)
+                else:
+                    print(f"{head}{_outcome(t)} in {time.monotonic() - t0:.1f} s [{t.out}]",
+                          flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if stopped:
+        print(f"sweep {grid.name}: stopped; run the same command again to continue",
+              file=sys.stderr, flush=True)
+        return 130
     if failed:
         print(f"sweep {grid.name}: {len(failed)} task(s) failed: "
-              f"{', '.join(map(str, failed))} (their .log files beside the results say why)",
-              file=sys.stderr)
+              f"{', '.join(map(str, sorted(failed)))} (their .log files beside the results "
+              "say why)", file=sys.stderr)
         return 1
     print(f"sweep {grid.name}: all {len(tasks)} tasks done", flush=True)
     return 0
@@ -453,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("grid", metavar="GRID.toml")
     s.add_argument("-n", "--ranks", type=_positive, default=1, metavar="N",
                    help="MPI ranks per task (default: 1, one process without mpiexec)")
+    s.add_argument("--parallel", type=_positive, default=1, metavar="K",
+                   help="run up to K tasks at once (default: 1); K x N processes should "
+                        "not exceed the cores")
     s.set_defaults(func=_cmd_run)
     return p
 
@@ -509,7 +528,7 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    return run_here(load_grid(args.grid), args.ranks)
+    return run_here(load_grid(args.grid), args.ranks, args.parallel)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -331,7 +331,7 @@ def test_run_runs_the_unfinished_tasks_in_turn_and_goes_on_after_a_failure(tmp_p
     res = cli("run", "g.toml", cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == "sweep here: 1 of 4 tasks done; running 3 on 1 rank(s) each"
+    assert lines[0] == "sweep here: 1 of 4 tasks done; running 3 on 1 rank(s) each, 1 at a time"
     assert lines[1].startswith("[1/3] task 0 dataset=synthetic,seed=0: done, test accuracy 0.")
     assert lines[2].startswith("[2/3] task 2 dataset=npz:missing.npz,seed=0: failed (exit "
                                "status 2): fedmpi: error: npz data set missing.npz")
@@ -348,6 +348,8 @@ def test_run_runs_the_unfinished_tasks_in_turn_and_goes_on_after_a_failure(tmp_p
 
 
 def test_run_stops_with_a_checkpoint_and_continues_when_run_again(tmp_path):
+    """Two tasks at a time; a SIGTERM to the runner alone (kill PID) is passed on to
+    both, which stop with a checkpoint; the same command then finishes them."""
     write(tmp_path / "g.toml", """\
         out_dir = "runs"
         [base]
@@ -356,26 +358,32 @@ def test_run_stops_with_a_checkpoint_and_continues_when_run_again(tmp_path):
         rounds = 400
         hidden = [8]
         [grid]
-        seed = [0]
+        seed = [0, 1]
         """)
-    task = sweep.expand(sweep.load_grid(str(tmp_path / "g.toml")))[0]
-    out = tmp_path / task.out
-    p = _sweep_proc("run", "g.toml", cwd=tmp_path)
+    tasks = sweep.expand(sweep.load_grid(str(tmp_path / "g.toml")))
+    outs = [tmp_path / t.out for t in tasks]
+    p = _sweep_proc("run", "g.toml", "--parallel", "2", cwd=tmp_path)
     deadline = time.time() + 120
-    while _rounds_in(out) < 2:  # a SIGTERM to the runner alone (kill PID) is passed on
+    while min(_rounds_in(out) for out in outs) < 2:
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stdout + stderr
-    assert "stopped in task 0, its last checkpoint kept" in stderr
-    done = _rounds_in(out)
-    assert 2 <= done < 400
-    res = cli("run", "g.toml", cwd=tmp_path)
+    assert stdout.count("stopped (its last checkpoint is kept)") == 2, stdout
+    assert "stopped; run the same command again to continue" in stderr
+    done = [_rounds_in(out) for out in outs]
+    assert all(2 <= d < 400 for d in done), done
+    res = cli("run", "g.toml", "--parallel", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.splitlines()[-1] == "sweep g: all 1 tasks done"
-    assert f"resuming runs/seed-0.h5 after round {done}" in (tmp_path / "runs/seed-0.log").read_text()
-    assert len(read_run(str(out))["rounds"]["round"]) == 400
+    lines = res.stdout.splitlines()
+    assert sorted(line.split(":")[0] for line in lines[1:3]) == [
+        "[1/2] task 0 seed=0", "[2/2] task 1 seed=1"]
+    assert lines[-1] == "sweep g: all 2 tasks done"
+    for t, d, out in zip(tasks, done, outs):
+        log = (tmp_path / sweep.log_path(t)).read_text()
+        assert f"resuming {t.out} after round {d}" in log
+        assert len(read_run(str(out))["rounds"]["round"]) == 400
 
 
 def _rounds_in(path):
