@@ -269,7 +269,10 @@ class Config:
         mine = self.to_dict()
         # a setting missing from an older file had the default then
         default = Config().to_dict()
-        return sorted(k for k in mine if k not in RESUMABLE
+        # with --dp-target-epsilon the file records the noise multiplier solved for it:
+        # it follows from the target and the other settings, which are compared
+        derived = {"dp_noise_multiplier"} if self.dp_target_epsilon is not None else set()
+        return sorted(k for k in mine if k not in RESUMABLE and k not in derived
                       and other.get(k, default[k]) != mine[k])
 
     @property

@@ -106,3 +106,16 @@ def test_uniform_weighting_option():
     assert make(from_dict({"client_weighting": "uniform"}), model).weight(7) == 1.0
     assert make(from_dict({"client_weighting": "uniform", "algorithm": "fedprox"}),
                 model).weight(7) == 1.0
+
+
+def test_differences_treat_the_solved_noise_of_a_target_epsilon_as_derived():
+    """A --dp-target-epsilon run's file records the multiplier solved for it: the
+    same command (no multiplier given) is the same run; another target is not, and
+    without a target the multiplier itself is compared."""
+    target = from_dict({"dp_clip": 1.0, "dp_target_epsilon": 8.0})
+    saved = {**target.to_dict(), "dp_noise_multiplier": 0.764}
+    assert target.differences(saved) == []
+    assert target.differences({**saved, "dp_target_epsilon": 4.0}) == ["dp_target_epsilon"]
+    fixed = from_dict({"dp_clip": 1.0, "dp_noise_multiplier": 0.5})
+    assert fixed.differences({**fixed.to_dict(), "dp_noise_multiplier": 0.764}) == [
+        "dp_noise_multiplier"]

@@ -145,8 +145,6 @@ def _refuse_other_config(cfg: Config, out: str, saved, fix: str) -> None:
         raise UserError(f"cannot resume {out}: its config attribute is not a JSON object")
     cfg = dataclasses.replace(cfg, partition=cfg.resolved_partition())  # the file's is resolved
     diff = cfg.differences(saved)
-    if cfg.dp_target_epsilon is not None:  # the multiplier follows from the target (compared)
-        diff = [k for k in diff if k != "dp_noise_multiplier"]
     if diff:
         mine = cfg.to_dict()
         raise UserError(f"cannot resume {out}: the configuration differs in "
