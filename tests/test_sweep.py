@@ -25,6 +25,18 @@ def write(path, text):
     return str(path)
 
 
+def tiny_grid(path, grid: str, top: str = "", rounds: int = 2) -> str:
+    """A grid file of tiny synthetic runs (TINY's settings) with these [grid] lines."""
+    return write(path, top + f"""
+        [base]
+        clients = 8
+        clients-per-round = 3
+        rounds = {rounds}
+        hidden = [8]
+        [grid]
+        """ + grid)
+
+
 def cli(*args, cwd=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
@@ -129,15 +141,10 @@ def test_flags_rebuild_exactly_the_task_config():
 
 
 def test_args_cli_is_shell_quoted(tmp_path):
-    grid = write(tmp_path / "g.toml", """\
-        out_dir = "out dir"
-        [base]
-        clients = 8
-        clients-per-round = 3
-        rounds = 2
-        hidden = [8]
-        [grid]
+    grid = tiny_grid(tmp_path / "g.toml", """\
         dataset = ["synthetic", "npz:my data.npz"]
+        """, top="""\
+        out_dir = "out dir"
         """)
     res = cli("args", grid, 1)
     assert res.returncode == 0, res.stderr
@@ -235,17 +242,12 @@ def _fake_file(path, config, rounds, params):
 
 
 def test_status_of_done_incomplete_missing_unreadable_and_mismatched_runs(tmp_path):
-    grid = write(tmp_path / "g.toml", """\
-        name = "st"
-        out_dir = "runs"
-        [base]
-        clients = 8
-        clients-per-round = 3
-        rounds = 2
-        hidden = [8]
-        [grid]
+    grid = tiny_grid(tmp_path / "g.toml", """\
         partition = ["iid", "dirichlet"]
         seed = [0, 1, 2]
+        """, top="""\
+        name = "st"
+        out_dir = "runs"
         """)
     tasks = sweep.expand(sweep.load_grid(grid))
     # 0: a real finished run; 1: a real run of only 1 of its 2 rounds
@@ -284,13 +286,7 @@ def test_status_of_done_incomplete_missing_unreadable_and_mismatched_runs(tmp_pa
 
 
 def test_status_exits_0_when_all_tasks_are_done(tmp_path):
-    grid = write(tmp_path / "g.toml", """\
-        [base]
-        clients = 8
-        clients-per-round = 3
-        rounds = 2
-        hidden = [8]
-        [grid]
+    grid = tiny_grid(tmp_path / "g.toml", """\
         seed = [0, 1]
         """)
     for t in sweep.expand(sweep.load_grid(grid)):
@@ -313,17 +309,12 @@ def _sweep_proc(*args, cwd):
 
 
 def test_run_runs_the_unfinished_tasks_in_turn_and_goes_on_after_a_failure(tmp_path):
-    write(tmp_path / "g.toml", """\
-        name = "here"
-        out_dir = "runs"
-        [base]
-        clients = 8
-        clients-per-round = 3
-        rounds = 2
-        hidden = [8]
-        [grid]
+    tiny_grid(tmp_path / "g.toml", """\
         dataset = ["synthetic", "npz:missing.npz"]
         seed = [0, 1]
+        """, top="""\
+        name = "here"
+        out_dir = "runs"
         """)
     tasks = sweep.expand(sweep.load_grid(str(tmp_path / "g.toml")))
     _run_fedmpi(sweep.task_flags(tasks[1]), tmp_path)  # task 1 is done already
@@ -350,16 +341,11 @@ def test_run_runs_the_unfinished_tasks_in_turn_and_goes_on_after_a_failure(tmp_p
 def test_run_stops_with_a_checkpoint_and_continues_when_run_again(tmp_path):
     """Two tasks at a time; a SIGTERM to the runner alone (kill PID) is passed on to
     both, which stop with a checkpoint; the same command then finishes them."""
-    write(tmp_path / "g.toml", """\
-        out_dir = "runs"
-        [base]
-        clients = 8
-        clients-per-round = 3
-        rounds = 400
-        hidden = [8]
-        [grid]
+    tiny_grid(tmp_path / "g.toml", """\
         seed = [0, 1]
-        """)
+        """, top="""\
+        out_dir = "runs"
+        """, rounds=400)
     tasks = sweep.expand(sweep.load_grid(str(tmp_path / "g.toml")))
     outs = [tmp_path / t.out for t in tasks]
     p = _sweep_proc("run", "g.toml", "--parallel", "2", cwd=tmp_path)
