@@ -48,6 +48,14 @@ class Dataset:
     def num_features(self) -> int:
         return self.x_train.shape[1]
 
+    @classmethod
+    def from_arrays(cls, name: str, x_train, y_train, x_test, y_test, **more) -> "Dataset":
+        """A data set read from a user's file: classes 0..the largest label, and
+        uint8 features read as pixels (x / 255), floats as they are."""
+        return cls(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                   num_classes=int(max(y_train.max(), y_test.max())) + 1,
+                   x_scale=1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0, **more)
+
 
 def image_shape(sample_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
     """(height, width, channels) of samples stored with shape (h, w) or (h, w, c);

@@ -111,13 +111,5 @@ def load_npz(path: str):
             f"store both as uint8 pixels or both as floats"
         )
 
-    return Dataset(
-        name=f"npz:{path}",
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
-        x_scale=1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0,
-        image_shape=images,
-    )
+    return Dataset.from_arrays(f"npz:{path}", x_train, y_train, x_test, y_test,
+                               image_shape=images)

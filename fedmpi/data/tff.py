@@ -223,14 +223,8 @@ def load_tff(spec: str):
                         "natural split needs at least one")
     if len(x_test) == 0:
         raise UserError(f"{test} holds no examples: the test set would be empty")
-    return Dataset(
-        name=f"h5:{spec}",
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        num_classes=int(max(y_train.max(), y_test.max())) + 1,
-        x_scale=1.0 / 255.0 if x_train.dtype == np.uint8 else 1.0,
+    return Dataset.from_arrays(
+        f"h5:{spec}", x_train, y_train, x_test, y_test,
         natural_sizes=sizes,
         client_ids=np.array([c.encode() for c in ids]),
         image_shape=image_shape(shape),  # EMNIST's pixels (28, 28), CIFAR's image (32, 32, 3)
