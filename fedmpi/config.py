@@ -607,6 +607,21 @@ def warnings(cfg: Config) -> list[str]:
     return out
 
 
+# --help's sections: the field that opens each (fields follow Config's order)
+HELP_SECTIONS = {
+    "dataset": "data and partition",
+    "clients_per_round": "rounds, algorithm and server",
+    "byzantine": "robust aggregation, attacks, stragglers and drop-outs",
+    "dp_clip": "differential privacy (on with --dp-clip)",
+    "secure_aggregation": "secure aggregation",
+    "compress": "compression and pruning",
+    "client_state_dir": "per-client state",
+    "local_epochs": "local training",
+    "hidden": "model",
+    "seed": "run: seed, evaluation, results, checkpoints",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fedmpi",
@@ -617,16 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml",
                    help="read settings from a TOML file (keys as below, '-' or '_'); flags override it")
     defaults = Config()
+    group = p
     for f in fields(Config):
+        if f.name in HELP_SECTIONS:
+            group = p.add_argument_group(HELP_SECTIONS[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if f.name == "hidden":
             default = ",".join(map(str, default)) or "none"
         help_ = f"{f.metadata['help']} (default: {default})"
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", dest=f.name, help=help_)
+            group.add_argument(flag, action="store_true", dest=f.name, help=help_)
         else:
-            p.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_)
+            group.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_)
     return p
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import (SMALL_SYNTHETIC, describe, fedmpi_lines, leftover_processes, make_npz,
                       requires_mpiexec)
-from fedmpi.config import Config
+from fedmpi.config import HELP_SECTIONS, Config
 from fedmpi.data.idx import FILES
 
 # Later flags win, so a case's own flags override these. Small, so that a
@@ -228,6 +228,10 @@ def test_help_lists_every_option_with_default(run_fedmpi, ranks):
         flag = "--" + f.name.replace("_", "-")
         assert flag in blocks, f"{flag} missing from --help\n{res.stdout}"
         assert "(default:" in blocks[flag], f"{flag} shows no default: {blocks[flag]}"
+    # the options come in sections, in Config's order
+    titles = [line[:-1] for line in res.stdout.splitlines() if line.endswith(":")
+              and not line.startswith(" ")]
+    assert titles == ["options", *HELP_SECTIONS.values()], titles
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(3, marks=requires_mpiexec)])
