@@ -625,6 +625,8 @@ HELP_SECTIONS = {
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fedmpi",
+        # the options' list would take 55 lines; they follow, in sections
+        usage="[mpiexec -n N] python -m fedmpi [--config FILE.toml] [--option VALUE ...]",
         description="Run one federated training job. Under mpiexec, rank 0 aggregates and "
                     "the other ranks host the simulated clients; alone, one process does both.",
         argument_default=argparse.SUPPRESS,  # so we can tell which flags were given
