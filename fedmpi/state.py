@@ -222,10 +222,8 @@ class ClientStateStore:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], *, name: str = "state",
-                    spill_dir: str | None = None,
-                    max_rows: int | None = None) -> "ClientStateStore":
-        store = cls(np.asarray(arrays["rows"]).shape[1], name=name, spill_dir=spill_dir,
-                    max_rows=max_rows)
+                    spill_dir: str | None = None) -> "ClientStateStore":
+        store = cls(np.asarray(arrays["rows"]).shape[1], name=name, spill_dir=spill_dir)
         store.load(arrays)
         return store
 

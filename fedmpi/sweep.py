@@ -326,7 +326,7 @@ def _last_error(path: str) -> str:
 
 
 def _outcome(task: Task) -> str:
-    """'done, test accuracy 0.8312 after 200 rounds' from the task's results file."""
+    """'done, test accuracy 0.8312' (the last evaluated) from the task's results file."""
     from fedmpi.reading import read_meta
 
     try:
